@@ -1,0 +1,1 @@
+"""Triton kernels, installed as `prunekit.kernels`. Tested on CPU with TRITON_INTERPRET=1."""

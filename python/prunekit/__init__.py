@@ -1,0 +1,51 @@
+"""prunekit: prune large language models and run the pruned models fast.
+
+Public names are imported lazily so that `import prunekit` stays cheap and a missing optional
+dependency (transformers, triton) only matters to the feature that needs it.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+
+__version__ = "0.1.0"
+
+logging.getLogger("prunekit").addHandler(logging.NullHandler())
+
+# public name -> (module, attribute)
+_EXPORTS = {
+    "Pattern": ("patterns", "Pattern"),
+    "parse_pattern": ("patterns", "parse"),
+    "backends": ("_native", "backends"),
+    "LayerStats": ("pruning.stats", "LayerStats"),
+    "LayerResult": ("pruning.base", "LayerResult"),
+    "PruningMethod": ("pruning.base", "PruningMethod"),
+    "Magnitude": ("pruning.magnitude", "Magnitude"),
+    "magnitude_mask": ("pruning.magnitude", "magnitude_mask"),
+    "Wanda": ("pruning.wanda", "Wanda"),
+    "wanda_mask": ("pruning.wanda", "wanda_mask"),
+    "SparseGPT": ("pruning.sparsegpt", "SparseGPT"),
+    "sparsegpt_prune": ("pruning.sparsegpt", "sparsegpt_prune"),
+    "prune": ("prune", "prune"),
+    "PruneReport": ("report", "PruneReport"),
+    "SparseLinear": ("nn.sparse_linear", "SparseLinear"),
+    "sparsify": ("nn.swap", "sparsify"),
+    "save": ("io", "save"),
+    "load": ("io", "load"),
+}
+_SUBMODULES = {"data", "eval", "ops", "ref", "nn", "pruning", "io", "cli", "patterns", "calibrate"}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        module, attr = _EXPORTS[name]
+        value = getattr(importlib.import_module(f"prunekit.{module}"), attr)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"prunekit.{name}")
+    raise AttributeError(f"module 'prunekit' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS) + list(_SUBMODULES))

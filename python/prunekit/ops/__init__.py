@@ -1,0 +1,1 @@
+"""torch.library custom ops (namespace `prunekit`): reference body, fake kernel, per-device kernels."""

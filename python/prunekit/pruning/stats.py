@@ -1,0 +1,47 @@
+"""Calibration statistics of one layer's input, accumulated exactly as the reference code does.
+
+Wanda (locuslab/wanda, WrappedGPT.add_batch): a running mean over samples of the per-input-feature
+squared norm, `scaler_row`. SparseGPT (IST-DASLab/sparsegpt, SparseGPT.add_batch): H = 2/n · Σ XᵀX in
+fp32. A "sample" is one row of the leading (batch) dimension, as in both references.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _validate
+
+
+class LayerStats:
+    """Accumulates what a pruning method needs from a layer's inputs."""
+
+    def __init__(self, in_features: int, *, hessian: bool = False, act_norm: bool = False,
+                 device: torch.device | str | None = None, name: str = "layer"):
+        self.in_features = in_features
+        self.name = name
+        self.nsamples = 0
+        self.act_norm_sq = torch.zeros(in_features, dtype=torch.float32, device=device) if act_norm else None
+        self.hessian = (torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+                        if hessian else None)
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """x: the layer input, [..., in_features]; its first dimension counts as samples if 3-D."""
+        _validate.float_tensor(x, f"{self.name} input")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{self.name} input: expected last dimension {self.in_features}, "
+                             f"got shape {tuple(x.shape)}")
+        batch = x.shape[0] if x.dim() == 3 else 1
+        rows = x.reshape(-1, self.in_features)
+        total = self.nsamples + batch
+        if self.act_norm_sq is not None:
+            self.act_norm_sq.mul_(self.nsamples / total)
+            self.act_norm_sq.add_(rows.float().pow(2).sum(0).to(self.act_norm_sq.device) / total)
+        if self.hessian is not None:
+            self.hessian.mul_(self.nsamples / total)
+            scaled = rows.float().to(self.hessian.device) * (2.0 / total) ** 0.5
+            self.hessian.addmm_(scaled.t(), scaled)
+        self.nsamples = total
+
+    def check_finite(self) -> None:
+        for name, t in (("activation norms", self.act_norm_sq), ("Hessian", self.hessian)):
+            if t is not None:
+                _validate.finite(t, f"{self.name} {name}")

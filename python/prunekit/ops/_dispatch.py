@@ -1,0 +1,36 @@
+"""Shared plumbing for the custom ops: which fast path serves a tensor, and what to say when none does."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .. import _native
+
+
+def reference_allowed() -> bool:
+    """PRUNEKIT_ALLOW_REFERENCE=1 lets CUDA tensors run the plain PyTorch reference when no CUDA
+    build is present. Off by default: a silently slow path is a bug report waiting to happen."""
+    return os.environ.get("PRUNEKIT_ALLOW_REFERENCE", "") == "1"
+
+
+def cuda_module_or_none(op: str):
+    """The CUDA module for `op`, None when the user opted into the reference, else a diagnosis."""
+    mod = _native.cuda_module()
+    if mod is not None:
+        return mod
+    if reference_allowed():
+        return None
+    raise RuntimeError(f"prunekit::{op} got CUDA tensors but prunekit._C_cuda is not available "
+                       f"({_native._errors.get('_C_cuda', 'not loaded')}). Rebuild with nvcc present "
+                       "(PRUNEKIT_CUDA=ON pip install .) or set PRUNEKIT_ALLOW_REFERENCE=1 to run the "
+                       "PyTorch reference.")
+
+
+def triton_runs_on(t: torch.Tensor) -> bool:
+    """Triton kernels run on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (tests)."""
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() else t.contiguous()

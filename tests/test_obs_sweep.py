@@ -166,3 +166,63 @@ def test_gpu_default_backend_is_native_cuda():
     W, U, keep = inputs(130, 128, 2, 4)
     got = torch.ops.prunekit.obs_sweep(W.cuda(), U.cuda(), keep.cuda(), 2, 4)
     assert_same(got, ref_sweep(W, U, keep, 2, 4))
+
+
+# ---- CUDA dispatch decisions, exercised on CPU tensors with the backends stubbed ----
+
+def stub_backends(monkeypatch, cuda_module=None, triton=None):
+    from prunekit.ops import obs_sweep as op
+    monkeypatch.setattr(op._native, "cuda_module", lambda: cuda_module)
+    monkeypatch.setattr(op, "_triton_launcher", lambda: (triton, "" if triton else "ImportError: stub"))
+    return op._cuda_kernel
+
+
+def test_cuda_dispatch_uses_triton_when_native_kernel_missing(monkeypatch):
+    calls = []
+
+    def fake_triton(*args):
+        calls.append(args)
+        return ref_sweep(*args)
+
+    kernel = stub_backends(monkeypatch, cuda_module=object(), triton=fake_triton)
+    W, U, keep = inputs(5, 8, 2, 4)
+    assert_same(kernel(W, U, keep, 2, 4), ref_sweep(W, U, keep, 2, 4))
+    assert len(calls) == 1
+    monkeypatch.setenv("PRUNEKIT_SWEEP_BACKEND", "triton")
+    kernel(W, U, keep, 2, 4)
+    assert len(calls) == 2
+
+
+def test_cuda_dispatch_without_any_backend_explains(monkeypatch):
+    kernel = stub_backends(monkeypatch, cuda_module=None, triton=None)
+    W, U, keep = inputs(5, 8, 0, 0)
+    with pytest.raises(RuntimeError, match="_C_cuda is not available"):
+        kernel(W, U, keep, 0, 0)
+    kernel = stub_backends(monkeypatch, cuda_module=object(), triton=None)
+    with pytest.raises(RuntimeError, match="no obs_sweep kernel.*ImportError: stub"):
+        kernel(W, U, keep, 0, 0)
+    monkeypatch.setenv("PRUNEKIT_SWEEP_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="Triton sweep.*did not load"):
+        kernel(W, U, keep, 0, 0)
+    monkeypatch.setenv("PRUNEKIT_SWEEP_BACKEND", "sideways")
+    with pytest.raises(ValueError, match="PRUNEKIT_SWEEP_BACKEND"):
+        kernel(W, U, keep, 0, 0)
+    monkeypatch.setenv("PRUNEKIT_SWEEP_BACKEND", "")
+    monkeypatch.setenv("PRUNEKIT_ALLOW_REFERENCE", "1")
+    assert_same(kernel(W, U, keep, 0, 0), ref_sweep(W, U, keep, 0, 0))
+
+
+@pytest.mark.parametrize("rows,B,n,m", [(37, 16, 2, 4), (5, 7, 0, 0)])
+def test_triton_sweep_matches_reference_interpreted(rows, B, n, m):
+    # Runs once the Triton kernel (kernels/obs_sweep.py, written separately) is in the tree.
+    pytest.importorskip("prunekit.kernels.obs_sweep")
+    from prunekit.ops.obs_sweep import _triton_sweep
+    W, U, keep = inputs(rows, B, n, m)
+    assert_same(_triton_sweep(W, U, keep, n, m), ref_sweep(W, U, keep, n, m))
+
+
+def test_op_accepts_non_contiguous_inputs():
+    W, U, keep = inputs(9, 16, 2, 4)
+    Wt, Ut = W.T.contiguous().T, U.T.contiguous().T
+    assert not Wt.is_contiguous() and not Ut.is_contiguous()
+    assert_same(torch.ops.prunekit.obs_sweep(Wt, Ut, keep, 2, 4), ref_sweep(W, U, keep, 2, 4))

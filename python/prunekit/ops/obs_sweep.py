@@ -97,8 +97,7 @@ def _(W1, Hinv1, keep, n, m):
     return _native_sweep(_native.require_cpu_module(), W1, Hinv1, keep, n, m)
 
 
-@obs_sweep.register_kernel("cuda")
-def _(W1, Hinv1, keep, n, m):
+def _cuda_kernel(W1, Hinv1, keep, n, m):
     check_args(W1, Hinv1, keep, n, m)
     backend = os.environ.get(_BACKEND_ENV, "").strip().lower()
     if backend == "triton":
@@ -109,10 +108,18 @@ def _(W1, Hinv1, keep, n, m):
     if mod is not None and hasattr(mod, "obs_sweep"):
         with torch.cuda.device(W1.device):
             return _native_sweep(mod, W1, Hinv1, keep, n, m, stream=_native.stream_of(W1))
-    if backend != "cuda" and _triton_launcher()[0] is not None:
-        return _triton_sweep(W1, Hinv1, keep, n, m)
-    if _dispatch.cuda_module_or_none("obs_sweep") is None:  # raises unless the reference is allowed
+    why_not_triton = f"not tried: {_BACKEND_ENV}=cuda"
+    if backend != "cuda":
+        launch, why_not_triton = _triton_launcher()
+        if launch is not None:
+            return _triton_sweep(W1, Hinv1, keep, n, m)
+    if _dispatch.reference_allowed():
         return _ref.obs_sweep(W1, Hinv1, keep, n, m)
+    if mod is None:
+        _dispatch.cuda_module_or_none("obs_sweep")  # raises the diagnosis of the missing CUDA build
     raise RuntimeError("prunekit::obs_sweep: prunekit._C_cuda has no obs_sweep kernel (built from older "
-                       f"sources?) and the Triton sweep did not load ({_triton_launcher()[1]}). Rebuild "
-                       "prunekit (pip install .) or install triton.")
+                       f"sources?) and the Triton sweep is unavailable ({why_not_triton}). Rebuild "
+                       "prunekit (pip install .), install triton, or set PRUNEKIT_ALLOW_REFERENCE=1.")
+
+
+obs_sweep.register_kernel("cuda")(_cuda_kernel)

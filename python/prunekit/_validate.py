@@ -20,6 +20,10 @@ def float_tensor(t, name: str, ndim: int | None = None) -> torch.Tensor:
 
 
 def finite(t: torch.Tensor, name: str) -> torch.Tensor:
+    # One reduction first: any NaN/Inf makes the sum non-finite. Only a non-finite sum (which a large
+    # finite tensor can also give, by overflow) pays for the element-wise check.
+    if bool(torch.isfinite(t.sum())):
+        return t
     if not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name}: contains {bad} NaN/Inf value(s) of {t.numel()}")

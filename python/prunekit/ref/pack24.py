@@ -75,10 +75,16 @@ def pack24(W: torch.Tensor, name: str = "W") -> tuple[torch.Tensor, torch.Tensor
     return values.contiguous(), meta.contiguous()
 
 
+def nibbles(meta: torch.Tensor) -> torch.Tensor:
+    """int64 [rows, K/4]: the metadata nibble of every group, unchecked."""
+    rows, nbytes = meta.shape
+    return torch.stack((meta & 0xF, meta >> 4), dim=-1).reshape(rows, nbytes * 2).to(torch.int64)
+
+
 def nibble_positions(meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[rows, K/4] idx0 and idx1 of every group; raises on an undefined nibble."""
     rows, nbytes = meta.shape
-    nibble = torch.stack((meta & 0xF, meta >> 4), dim=-1).reshape(rows, nbytes * 2).to(torch.int64)
+    nibble = nibbles(meta)
     valid = torch.zeros(16, dtype=torch.bool, device=meta.device)
     valid[list(VALID_NIBBLES)] = True
     bad = ~valid[nibble]

@@ -1,7 +1,9 @@
 """Custom op `prunekit::sparse24_linear(x, values, meta, bias?) -> y`: y = x @ W.T + bias with W in the
 logical 2:4 format (ref/pack24.py), any leading dims on x.
 
-CPU: C++ unpack + dense F.linear. CUDA: Triton unpack + dense F.linear. Autograd: gradients for x, the kept values (masked dense backward: the
+CPU: C++ unpack + dense F.linear. CUDA: ops/sparse24_dispatch.py picks per (device, shape, dtype, M
+bucket) between the mma.sp decode kernel (csrc/cuda/sparse24_gemm.cu) and Triton unpack + dense
+F.linear, by a one-time timing per process. Autograd: gradients for x, the kept values (masked dense backward: the
 pattern in `meta` is fixed) and bias.
 """
 from __future__ import annotations
@@ -11,7 +13,6 @@ import torch.nn.functional as F
 
 from ..ref import pack24 as ref_pack
 from ..ref import sparse24_linear as ref
-from . import pack24 as pack_ops
 
 
 @torch.library.custom_op("prunekit::sparse24_linear", mutates_args=())
@@ -35,12 +36,9 @@ def _(x, values, meta, bias=None):
 @sparse24_linear.register_kernel("cuda")
 def _(x, values, meta, bias=None):
     ref.check_inputs(x, values, meta, bias)
-    return dense_cuda(x, values, meta, bias)
+    from . import sparse24_dispatch
 
-
-def dense_cuda(x, values, meta, bias):
-    """The dense route on CUDA: Triton unpack, then cuBLAS."""
-    return F.linear(x, pack_ops.triton_unpack24(values, meta), bias)
+    return sparse24_dispatch.linear_cuda(x, values, meta, bias)
 
 
 # ---- autograd: masked dense backward (the 2:4 pattern in meta never changes) ----

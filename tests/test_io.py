@@ -97,3 +97,11 @@ def test_mismatched_architecture_is_named(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         pio.load(Tiny(), tmp_path)
+
+
+def test_invalid_metadata_with_valid_checksum_is_rejected(tmp_path):
+    model = pruned_sparse_model()
+    model.up.meta[2, 1] = 0xA4  # undefined nibble 0xA written by someone else's tool; checksums still match
+    pio.save(model, tmp_path)
+    with pytest.raises(ValueError, match=r"up\.meta: invalid 2:4 metadata nibble 0xA at row 2, group 3"):
+        pio.load(Tiny(), tmp_path)

@@ -142,3 +142,11 @@ def test_torch_compile_fullgraph(gen):
     compiled = torch.compile(model, fullgraph=True)
     torch.testing.assert_close(compiled(x), expected)
     torch.testing.assert_close(compiled(torch.randn(7, 32, generator=gen)).shape, torch.Size([7, 16]))
+
+
+def test_from_packed_validates_metadata():
+    values = torch.zeros(2, 8)
+    meta = torch.full((2, 2), 0x44, dtype=torch.uint8)
+    meta[0, 0] = 0x40  # group 0 nibble 0x0
+    with pytest.raises(ValueError, match=r"nibble 0x0 at row 0, group 0"):
+        SparseLinear.from_packed(values, meta)

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .nn.sparse_linear import SparseLinear
+from .ref.pack24 import nibble_positions
 
 log = logging.getLogger("prunekit")
 
@@ -148,5 +149,11 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     for alias, stored in header["aliases"].items():
         state[alias] = tensors[stored]
     model.load_state_dict(state, strict=True)
+    for name, module in model.named_modules():
+        if isinstance(module, SparseLinear):
+            try:
+                nibble_positions(module.meta)  # the CUDA forward trusts the metadata
+            except ValueError as exc:
+                raise ValueError(f"{path}: {name}.{exc}") from None
     log.info("loaded %d tensors (%d SparseLinear) from %s", len(tensors), len(header["sparse_linear"]), path)
     return model

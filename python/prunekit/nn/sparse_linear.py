@@ -33,6 +33,7 @@ class SparseLinear(nn.Module):
     def from_packed(cls, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None,
                     requires_grad: bool = False) -> "SparseLinear":
         ref_pack.check_packed(values, meta)
+        ref_pack.nibble_positions(meta)  # validated once here; the CUDA forward trusts it
         module = cls(2 * values.shape[1], values.shape[0], bias is not None, device=values.device, dtype=values.dtype)
         module.values = nn.Parameter(values, requires_grad=requires_grad)
         module.meta = meta

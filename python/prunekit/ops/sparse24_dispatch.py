@@ -4,7 +4,8 @@ Choice per (device, N, K, dtype, bias, M bucket), by timing both once per proces
 weight (cached), so the sparse layer is never slower than the dense route on that shape. The first
 measurement also compares the two outputs: if the kernel disagrees with the dense route, it is never
 used for that key and an error is logged. PRUNEKIT_SPARSE24_KERNEL=mma|dense forces one route
-(tests, benchmarks); `auto` (default) measures.
+(tests, benchmarks); `auto` (default) measures. The metadata is trusted on this path (validated when
+the weight was packed or loaded), so a call never synchronizes with the host.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _native
-from . import pack24 as pack_ops
+from ..kernels import pack24 as unpack_kernel
 
 log = logging.getLogger("prunekit")
 
@@ -87,7 +88,9 @@ def mma_sp_linear(x2d: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
 
 
 def dense_linear(x, values, meta, bias):
-    return F.linear(x, pack_ops.triton_unpack24(values, meta), bias)
+    """Unpack (Triton) + cuBLAS. The metadata is not re-validated here: that would cost a host sync per
+    call and break CUDA graph capture; SparseLinear and io.load validate it once."""
+    return F.linear(x, unpack_kernel.unpack24(values.contiguous(), meta.contiguous()), bias)
 
 
 def _bucket(M: int) -> int:

@@ -9,6 +9,7 @@ the weight was packed or loaded), so a call never synchronizes with the host.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -47,9 +48,15 @@ def kernel_supports(x2d: torch.Tensor, values: torch.Tensor) -> bool:
         return False
     M, K = x2d.shape
     return (values.dtype in _BF16_FP16 and 1 <= M <= mod.SPARSE24_MAX_TOKENS and K % mod.SPARSE24_CHUNK_K == 0
-            and torch.cuda.get_device_capability(x2d.device) >= (8, 0))
+            and _capability(x2d.device) >= (8, 0))
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+@functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 

@@ -1,0 +1,126 @@
+"""2:4 linear vs dense: `python bench/bench_linear.py --out results.json` (needs a CUDA GPU).
+
+Providers: dense F.linear, torch's to_sparse_semi_structured (where it runs), prunekit SparseLinear
+(timed dispatch, `prunekit`) and the mma.sp kernel forced (`prunekit_mma`, M <= 64). Shapes are
+out x in features. Decode sizes (M <= 64) rotate through enough weight copies to exceed 3x the L2,
+so the weights stream from HBM as in a real model.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+SHAPES = ["4096x4096", "11008x4096", "4096x11008", "14336x4096"]
+MS = [1, 16, 64, 256, 1024, 4096, 16384]
+PROVIDERS = ["dense", "torch_24", "prunekit", "prunekit_mma"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", required=True, help="JSON file for the rows")
+    p.add_argument("--shapes", nargs="+", default=SHAPES)
+    p.add_argument("--M", nargs="+", type=int, default=MS, dest="ms")
+    p.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=PROVIDERS)
+    p.add_argument("--modes", nargs="+", choices=["graph", "eager"], default=["graph", "eager"])
+    return p.parse_args(argv)
+
+
+def random_24(n: int, k: int, dtype, device, seed: int) -> torch.Tensor:
+    g = torch.Generator(device=device).manual_seed(seed)
+    W = torch.randn(n, k, device=device, dtype=dtype, generator=g)
+    order = torch.rand(n, k // 4, 4, device=device, generator=g).argsort(-1)
+    keep = torch.zeros(n, k // 4, 4, dtype=torch.bool, device=device).scatter_(-1, order[..., :2], True)
+    return W * keep.reshape(n, k)
+
+
+def weight_copies(n: int, k: int, M: int, device) -> int:
+    if M > 64:
+        return 1
+    dense_bytes = n * k * 2
+    return max(1, math.ceil(3 * common.l2_bytes(device) / dense_bytes))
+
+
+def provider_calls(provider, weights, x, bias):
+    """One call per weight copy, or None with a reason when the provider cannot run this case."""
+    from prunekit.nn.sparse_linear import SparseLinear
+
+    if provider == "dense":
+        return [lambda W=W: F.linear(x, W, bias) for W in weights], None
+    if provider == "torch_24":
+        try:
+            from torch.sparse import to_sparse_semi_structured
+            sparse = [to_sparse_semi_structured(W) for W in weights]
+            F.linear(x, sparse[0], bias)
+        except Exception as exc:  # unsupported GPU/shape/dtype in this torch build
+            return None, f"{type(exc).__name__}: {exc}"
+        return [lambda S=S: F.linear(x, S, bias) for S in sparse], None
+    lin = torch.nn.Linear(weights[0].shape[1], weights[0].shape[0], bias=bias is not None,
+                          device=x.device, dtype=x.dtype)
+    modules = []
+    for W in weights:
+        with torch.no_grad():
+            lin.weight.copy_(W)
+            if bias is not None:
+                lin.bias.copy_(bias)
+        modules.append(SparseLinear.from_dense(lin).requires_grad_(False))
+    if provider == "prunekit_mma" and x.shape[0] > 64:
+        return None, "mma.sp kernel is for M <= 64"
+    return [lambda m=m: m(x) for m in modules], None
+
+
+def bench_case(shape: str, M: int, dtype, device, args) -> list[dict]:
+    n, k = (int(v) for v in shape.split("x"))
+    copies = weight_copies(n, k, M, device)
+    weights = [random_24(n, k, dtype, device, seed) for seed in range(copies)]
+    x = torch.randn(M, k, device=device, dtype=dtype)
+    bias = None
+    rows = []
+    reference = F.linear(x.float(), weights[0].float())
+    for provider in args.providers:
+        os.environ["PRUNEKIT_SPARSE24_KERNEL"] = "mma" if provider == "prunekit_mma" else "auto"
+        calls, why = provider_calls(provider, weights, x, bias)
+        if calls is None:
+            print(f"skip {provider} {shape} M={M}: {why}", file=sys.stderr)
+            continue
+        out = calls[0]()
+        err = float((out.float() - reference).norm() / reference.norm())
+        for mode in args.modes:
+            try:
+                timing = common.time_calls(calls, graph=(mode == "graph"))
+            except RuntimeError as exc:  # e.g. a provider that cannot be captured in a graph
+                print(f"skip {provider} {shape} M={M} {mode}: {exc}", file=sys.stderr)
+                continue
+            weight_bytes = n * k * 2 if provider == "dense" else n * k * 2 * (0.5 + 1 / 16)
+            rows.append(common.row("linear", provider, shape, dtype, M, timing, flops=2.0 * M * n * k,
+                                   bytes_moved=weight_bytes + (M * k + M * n) * 2, mode=mode, device=device,
+                                   rel_err=round(err, 6), weight_copies=copies))
+    os.environ.pop("PRUNEKIT_SPARSE24_KERNEL", None)
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = common.require_cuda("bench_linear")
+    dtype = getattr(torch, args.dtype)
+    rows: list[dict] = []
+    for shape in args.shapes:
+        for M in args.ms:
+            rows += bench_case(shape, M, dtype, device, args)
+            torch.cuda.empty_cache()
+            common.write_json(rows, args.out)  # keep what is done if a later case fails
+    common.print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,159 @@
+"""Save and load pruned models as safetensors (no pickle), with SparseLinear layers kept compressed.
+
+Layout of `<directory>/model.safetensors`:
+  tensors   the model's state_dict: a SparseLinear named `L` contributes `L.values` [out, in/2],
+            `L.meta` uint8 [out, in/8] (the logical 2:4 format, DESIGN.md §5) and `L.bias`; every other
+            tensor is stored dense. Tensors that share storage (tied weights) are stored once.
+  header    `__metadata__["prunekit"]`: JSON with format name and version, the SparseLinear modules
+            (in/out features, dtype, bias), every tensor's shape, dtype and sha256, and the aliases.
+
+`load(model, directory)` takes a model of the same architecture (dense or already sparsified), swaps
+the listed nn.Linear modules for SparseLinear, checks every checksum and loads the state strictly.
+A truncated or altered file raises a ValueError that says which check failed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .nn.sparse_linear import SparseLinear
+from .ref.pack24 import nibble_positions
+
+log = logging.getLogger("prunekit")
+
+FORMAT = "prunekit.sparse24"
+VERSION = 1
+FILENAME = "model.safetensors"
+
+
+def _sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+
+
+def _storage_key(t: torch.Tensor):
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+
+
+def _dedup(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Stores tied tensors once; returns (tensors, alias -> stored name)."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, t in state.items():
+        key = _storage_key(t)
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().cpu().contiguous()
+    return tensors, aliases
+
+
+def _header(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> dict:
+    sparse = {name: {"in_features": m.in_features, "out_features": m.out_features,
+                     "dtype": str(m.values.dtype).removeprefix("torch."), "bias": m.bias is not None}
+              for name, m in model.named_modules() if isinstance(m, SparseLinear)}
+    return {"format": FORMAT, "version": VERSION, "sparse_linear": sparse, "aliases": aliases,
+            "tensors": {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+                               "sha256": _sha256(t)} for name, t in tensors.items()}}
+
+
+def save(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Writes `<directory>/model.safetensors` atomically (temp dir in `directory`, then rename)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors, aliases = _dedup(model.state_dict())
+    header = _header(model, tensors, aliases)
+    target = directory / FILENAME
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".prunekit-save-") as tmp:
+        path = Path(tmp) / FILENAME
+        save_file(tensors, str(path), metadata={"prunekit": json.dumps(header)})
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(path, target)
+    log.info("saved %d tensors (%d SparseLinear) to %s", len(tensors), len(header["sparse_linear"]), target)
+    return target
+
+
+def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file; save(model, directory) writes {FILENAME}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for a bad header or short file
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {exc}") from None
+    if "prunekit" not in meta:
+        raise ValueError(f"{path}: no prunekit header; it was not written by prunekit.save")
+    try:
+        header = json.loads(meta["prunekit"])
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: the prunekit header is not valid JSON ({exc})") from None
+    return header, tensors
+
+
+def _verify(path: Path, header: dict, tensors: dict[str, torch.Tensor]) -> None:
+    if header.get("format") != FORMAT or header.get("version") != VERSION:
+        raise ValueError(f"{path}: format {header.get('format')!r} version {header.get('version')!r}; "
+                         f"this prunekit reads {FORMAT!r} version {VERSION}")
+    expected = header["tensors"]
+    if set(expected) != set(tensors):
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        raise ValueError(f"{path}: tensors do not match the header (missing {missing}, unexpected {extra})")
+    for name, t in tensors.items():
+        info = expected[name]
+        if list(t.shape) != info["shape"] or str(t.dtype).removeprefix("torch.") != info["dtype"]:
+            raise ValueError(f"{path}: tensor {name!r} is {tuple(t.shape)} {t.dtype}, header says "
+                             f"{tuple(info['shape'])} {info['dtype']}")
+        if _sha256(t) != info["sha256"]:
+            raise ValueError(f"{path}: checksum mismatch for tensor {name!r}: the file was altered or corrupted")
+
+
+def _swap_in_sparse(model: nn.Module, sparse: dict[str, dict]) -> None:
+    for name, info in sparse.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"load: the saved model has SparseLinear {name!r} but this model has no such module") from None
+        if isinstance(module, SparseLinear):
+            continue
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"load: {name!r} is SparseLinear in the file but {type(module).__name__} in the model")
+        if (module.in_features, module.out_features) != (info["in_features"], info["out_features"]):
+            raise ValueError(f"load: {name!r} is {info['out_features']}x{info['in_features']} in the file but "
+                             f"{module.out_features}x{module.in_features} in the model")
+        device = module.weight.device if module.weight.device.type != "meta" else torch.device("cpu")
+        replacement = SparseLinear(info["in_features"], info["out_features"], info["bias"], device=device,
+                                   dtype=getattr(torch, info["dtype"]))
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
+
+
+def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Restores a model saved by `save` into `model` (same architecture, dense or sparsified); returns it."""
+    path = Path(directory) / FILENAME
+    header, tensors = _read(path)
+    _verify(path, header, tensors)
+    _swap_in_sparse(model, header["sparse_linear"])
+    state = dict(tensors)
+    for alias, stored in header["aliases"].items():
+        state[alias] = tensors[stored]
+    model.load_state_dict(state, strict=True)
+    for name, module in model.named_modules():
+        if isinstance(module, SparseLinear):
+            try:
+                nibble_positions(module.meta)  # the CUDA forward trusts the metadata
+            except ValueError as exc:
+                raise ValueError(f"{path}: {name}.{exc}") from None
+    log.info("loaded %d tensors (%d SparseLinear) from %s", len(tensors), len(header["sparse_linear"]), path)
+    return model

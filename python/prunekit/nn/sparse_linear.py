@@ -1,0 +1,78 @@
+"""SparseLinear: an nn.Linear whose weight is stored in the 2:4 format (DESIGN.md §5).
+
+The weight lives as `values` [out, in/2] (a Parameter, frozen unless the source weight required grad:
+training it updates only the kept values, so the pattern stays 2:4) and `meta` uint8 [out, in/8] (a
+buffer) in the logical format on every device — the CUDA kernel reads that layout directly, so what is
+on the device is what is saved.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops import pack24 as pack_ops
+from ..ops import sparse24_linear as _linear_op  # noqa: F401  (registers prunekit::sparse24_linear)
+from ..ref import pack24 as ref_pack
+
+
+class SparseLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        if in_features % 8 != 0:
+            raise ValueError(f"SparseLinear: in_features must be divisible by 8 for the 2:4 format, got {in_features}")
+        self.in_features = in_features
+        self.out_features = out_features
+        kw = {"device": device, "dtype": dtype or torch.get_default_dtype()}
+        self.values = nn.Parameter(torch.zeros(out_features, in_features // 2, **kw), requires_grad=False)
+        self.register_buffer("meta", torch.full((out_features, in_features // 8), 0x44, dtype=torch.uint8,
+                                                device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+
+    @classmethod
+    def from_packed(cls, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None,
+                    requires_grad: bool = False) -> "SparseLinear":
+        ref_pack.check_packed(values, meta)
+        ref_pack.nibble_positions(meta)  # validated once here; the CUDA forward trusts it
+        module = cls(2 * values.shape[1], values.shape[0], bias is not None, device=values.device, dtype=values.dtype)
+        module.values = nn.Parameter(values, requires_grad=requires_grad)
+        module.meta = meta
+        if bias is not None:
+            module.bias = nn.Parameter(bias.detach().clone(), requires_grad=requires_grad)
+        return module
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, name: str = "linear") -> "SparseLinear":
+        """Packs an exactly-2:4 nn.Linear; raises naming the first group with more than two nonzeros."""
+        try:
+            values, meta = pack_ops.pack24(linear.weight.detach())
+        except ValueError as exc:  # the op names the tensor "W"; name the layer instead
+            message = str(exc)
+            if message.startswith("W "):
+                message = f"{name}.weight" + message[1:]
+            raise ValueError(f"cannot convert to SparseLinear: {message}") from None
+        except TypeError as exc:
+            raise TypeError(f"{name}: cannot convert to SparseLinear: {exc}") from None
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls.from_packed(values, meta, bias, requires_grad=linear.weight.requires_grad)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense [out, in] weight (unpacked on every access; for inspection, not for speed)."""
+        return torch.ops.prunekit.unpack24(self.values.detach(), self.meta)
+
+    def to_dense(self) -> nn.Linear:
+        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                           device=self.values.device, dtype=self.values.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.prunekit.sparse24_linear(x, self.values, self.meta, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, format=2:4")

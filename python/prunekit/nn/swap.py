@@ -1,0 +1,80 @@
+"""sparsify(model): swap every exactly-2:4 nn.Linear for SparseLinear, in place, and say why the others stayed."""
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .sparse_linear import SparseLinear
+
+log = logging.getLogger("prunekit")
+_PACKABLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass
+class SwapReport:
+    swapped: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # layer name -> reason
+
+    def __str__(self) -> str:
+        lines = [f"sparsify: {len(self.swapped)} layer(s) swapped to SparseLinear, {len(self.skipped)} skipped"]
+        lines += [f"  swapped  {name}" for name in self.swapped]
+        lines += [f"  skipped  {name}: {why}" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def _matches(name: str, patterns) -> bool:
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _skip_reason(name: str, module: nn.Linear, include, exclude, shared: Counter) -> str | None:
+    if include is not None and not _matches(name, include):
+        return "not matched by include"
+    if exclude is not None and _matches(name, exclude):
+        return "matched by exclude"
+    if type(module) is not nn.Linear:
+        return f"{type(module).__name__} is a subclass of nn.Linear; only plain nn.Linear is swapped"
+    weight = module.weight
+    if weight.dtype not in _PACKABLE:
+        return f"dtype {weight.dtype} (2:4 format supports float32/float16/bfloat16)"
+    if weight.device.type == "meta":
+        return "weight is on the meta device"
+    if module.in_features % 8 != 0:
+        return f"in_features {module.in_features} is not divisible by 8"
+    if shared[id(weight)] > 1:
+        return "weight is shared with another module (tied); swapping would untie it"
+    return None
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def sparsify(model: nn.Module, *, include=None, exclude=None) -> SwapReport:
+    """Swap each nn.Linear whose weight is exactly 2:4 (per row, at most 2 nonzeros in every 4 consecutive
+    inputs) for SparseLinear. include/exclude: fnmatch patterns (a string or a list) over module names."""
+    report = SwapReport()
+    shared = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for name, module in linears:
+        why = _skip_reason(name, module, include, exclude, shared)
+        if why is None:
+            try:
+                sparse = SparseLinear.from_dense(module, name=name)
+            except ValueError as exc:
+                why = "not 2:4: " + str(exc).split("is not 2:4 sparse: ", 1)[-1]
+        if why is not None:
+            report.skipped[name] = why
+            continue
+        _set_submodule(model, name, sparse)
+        report.swapped.append(name)
+    log.info("sparsify: swapped %d layer(s), skipped %d", len(report.swapped), len(report.skipped))
+    return report

@@ -1,0 +1,107 @@
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+import prunekit.io as pio
+from prunekit.nn.sparse_linear import SparseLinear
+from prunekit.nn.swap import sparsify
+from prunekit.ref import selection
+
+
+class Tiny(nn.Module):
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.embed = nn.Embedding(10, 16)
+        self.up = nn.Linear(16, 32, dtype=dtype)
+        self.down = nn.Linear(32, 16, bias=False, dtype=dtype)
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 10, bias=False)
+        self.head.weight = self.embed.weight  # tied, stays dense
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = h + self.down(torch.relu(self.up(h.to(self.up.weight.dtype)))).float()
+        return self.head(self.norm(h))
+
+
+def pruned_sparse_model(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    model = Tiny(dtype)
+    with torch.no_grad():
+        for lin in (model.up, model.down):
+            lin.weight.mul_(selection.nm_keep_mask(lin.weight.abs().float(), 2, 4))
+    report = sparsify(model)
+    assert report.swapped == ["up", "down"]
+    return model.requires_grad_(False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_round_trip_into_dense_architecture(tmp_path, dtype):
+    model = pruned_sparse_model(dtype)
+    ids = torch.tensor([[1, 2, 3, 9]])
+    expected = model(ids)
+    path = pio.save(model, tmp_path / "out")
+    assert path.name == "model.safetensors" and [p.name for p in path.parent.iterdir()] == ["model.safetensors"]
+
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads(f.metadata()["prunekit"])
+        keys = set(f.keys())
+    assert header["version"] == 1 and set(header["sparse_linear"]) == {"up", "down"}
+    assert {"up.values", "up.meta", "up.bias", "down.values", "down.meta"} <= keys
+    assert "up.weight" not in keys and header["aliases"] == {"head.weight": "embed.weight"}
+    assert header["tensors"]["up.values"]["shape"] == [32, 8] and header["tensors"]["up.meta"]["dtype"] == "uint8"
+
+    fresh = Tiny(dtype)  # dense, different random weights
+    loaded = pio.load(fresh, tmp_path / "out")
+    assert isinstance(loaded.up, SparseLinear) and isinstance(loaded.down, SparseLinear)
+    assert loaded.up.values.dtype == dtype and loaded.head.weight is loaded.embed.weight
+    torch.testing.assert_close(loaded(ids), expected, rtol=0, atol=0)
+
+
+def test_load_into_already_sparse_model_and_overwrite(tmp_path):
+    a, b = pruned_sparse_model(seed=0), pruned_sparse_model(seed=1)
+    pio.save(b, tmp_path)
+    pio.save(a, tmp_path)  # overwriting replaces the file atomically
+    pio.load(b, tmp_path)
+    assert torch.equal(b.up.values, a.up.values) and torch.equal(b.up.meta, a.up.meta)
+
+
+def test_truncated_file_is_rejected(tmp_path):
+    path = pio.save(pruned_sparse_model(), tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        pio.load(Tiny(), tmp_path)
+
+
+def test_flipped_tensor_bytes_are_rejected(tmp_path):
+    path = pio.save(pruned_sparse_model(), tmp_path)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # inside the last tensor's data
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum mismatch for tensor"):
+        pio.load(Tiny(), tmp_path)
+
+
+def test_mismatched_architecture_is_named(tmp_path):
+    pio.save(pruned_sparse_model(), tmp_path)
+    other = Tiny()
+    other.up = nn.Linear(16, 24)
+    with pytest.raises(ValueError, match=r"'up' is 32x16 in the file but 24x16 in the model"):
+        pio.load(other, tmp_path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        pio.load(Tiny(), tmp_path)
+
+
+def test_invalid_metadata_with_valid_checksum_is_rejected(tmp_path):
+    model = pruned_sparse_model()
+    model.up.meta[2, 1] = 0xA4  # undefined nibble 0xA written by someone else's tool; checksums still match
+    pio.save(model, tmp_path)
+    with pytest.raises(ValueError, match=r"up\.meta: invalid 2:4 metadata nibble 0xA at row 2, group 3"):
+        pio.load(Tiny(), tmp_path)

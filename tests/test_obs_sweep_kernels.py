@@ -87,6 +87,15 @@ def test_triton_matches_transcription(rows, B, n, m, gen):
     assert_same_sweep(got, sweep_transcription(W, Hinv, keep, n, m))
 
 
+@pytest.mark.parametrize("n,m", PATTERNS)
+def test_triton_matches_the_package_reference(n, m, gen):
+    from prunekit.kernels.obs_sweep import obs_sweep_triton
+    ref = pytest.importorskip("prunekit.ref.obs_sweep")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    W, Hinv, keep = make_block(19, 40, gen, device)
+    assert_same_sweep(obs_sweep_triton(W, Hinv, keep, n, m), ref.obs_sweep(W, Hinv, keep, n, m))
+
+
 def test_triton_nm_ties_prune_lower_index_first():
     from prunekit.kernels.obs_sweep import obs_sweep_triton
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -49,7 +49,7 @@ def _obs_sweep_kernel(w_ptr, hinv_ptr, keep_ptr, q_ptr, err_ptr, loss_ptr, keep_
     w = tl.load(w_ptr + offs, mask=tile_ok, other=0.0)
     diag = tl.load(hinv_ptr + cols * (B + 1), mask=col_ok, other=1.0)
     if M > 0:
-        keep = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.int1)
+        keep = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.int32) != 0
     else:
         keep = tl.load(keep_ptr + offs, mask=tile_ok, other=0) != 0
     q = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.float32)

@@ -2,13 +2,15 @@
 
 Wanda (locuslab/wanda, WrappedGPT.add_batch): a running mean over samples of the per-input-feature
 squared norm, `scaler_row`. SparseGPT (IST-DASLab/sparsegpt, SparseGPT.add_batch): H = 2/n · Σ XᵀX in
-fp32. A "sample" is one row of the leading (batch) dimension, as in both references.
+fp32. A "sample" is one row of the leading (batch) dimension, as in both references. The arithmetic
+lives in the custom ops of prunekit.ops.calib_stats (reference: prunekit.ref.calib_stats).
 """
 from __future__ import annotations
 
 import torch
 
 from .. import _validate
+from ..ops import calib_stats
 
 
 class LayerStats:
@@ -31,14 +33,14 @@ class LayerStats:
                              f"got shape {tuple(x.shape)}")
         batch = x.shape[0] if x.dim() == 3 else 1
         rows = x.reshape(-1, self.in_features)
-        total = self.nsamples + batch
+        # The ops read the activation once in its own dtype (tensor cores for bf16/fp16 on CUDA).
         if self.act_norm_sq is not None:
-            self.act_norm_sq.mul_(self.nsamples / total)
-            self.act_norm_sq.add_(rows.float().pow(2).sum(0).to(self.act_norm_sq.device) / total)
+            self.act_norm_sq = calib_stats.act_norm_sq_update(
+                rows.to(self.act_norm_sq.device), self.act_norm_sq, self.nsamples, batch)
         if self.hessian is not None:
-            self.hessian.mul_(self.nsamples / total)
-            scaled = rows.float().to(self.hessian.device) * (2.0 / total) ** 0.5
-            self.hessian.addmm_(scaled.t(), scaled)
+            self.hessian = calib_stats.hessian_update(
+                rows.to(self.hessian.device), self.hessian, self.nsamples, batch)
+        total = self.nsamples + batch
         self.nsamples = total
 
     def check_finite(self) -> None:

@@ -1,9 +1,9 @@
-"""2:4 linear vs dense: `python bench/bench_linear.py --out results.json` (needs a CUDA GPU).
+"""2:4 linear vs dense: `python bench/bench_linear.py [--shapes ..] [--M ..] [--out DIR]` (needs a CUDA GPU).
 
 Providers: dense F.linear, torch's to_sparse_semi_structured (where it runs), prunekit SparseLinear
 (timed dispatch, `prunekit`) and the mma.sp kernel forced (`prunekit_mma`, M <= 64). Shapes are
 out x in features. Decode sizes (M <= 64) rotate through enough weight copies to exceed 3x the L2,
-so the weights stream from HBM as in a real model.
+so the weights stream from HBM as in a real model. Writes DIR/bench_linear.json and .md (bench/common.py).
 """
 from __future__ import annotations
 
@@ -26,12 +26,12 @@ PROVIDERS = ["dense", "torch_24", "prunekit", "prunekit_mma"]
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", required=True, help="JSON file for the rows")
     p.add_argument("--shapes", nargs="+", default=SHAPES)
     p.add_argument("--M", nargs="+", type=int, default=MS, dest="ms")
     p.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=PROVIDERS)
     p.add_argument("--modes", nargs="+", choices=["graph", "eager"], default=["graph", "eager"])
+    common.add_out_arg(p)
     return p.parse_args(argv)
 
 
@@ -78,7 +78,7 @@ def provider_calls(provider, weights, x, bias):
     return [lambda m=m: m(x) for m in modules], None
 
 
-def bench_case(shape: str, M: int, dtype, device, args) -> list[dict]:
+def bench_case(run: dict, shape: str, M: int, dtype, device, args) -> list[dict]:
     n, k = (int(v) for v in shape.split("x"))
     copies = weight_copies(n, k, M, device)
     weights = [random_24(n, k, dtype, device, seed) for seed in range(copies)]
@@ -101,24 +101,36 @@ def bench_case(shape: str, M: int, dtype, device, args) -> list[dict]:
                 print(f"skip {provider} {shape} M={M} {mode}: {exc}", file=sys.stderr)
                 continue
             weight_bytes = n * k * 2 if provider == "dense" else n * k * 2 * (0.5 + 1 / 16)
-            rows.append(common.row("linear", provider, shape, dtype, M, timing, flops=2.0 * M * n * k,
-                                   bytes_moved=weight_bytes + (M * k + M * n) * 2, mode=mode, device=device,
-                                   rel_err=round(err, 6), weight_copies=copies))
+            rows.append(common.row(run, "linear", provider, shape=shape, dtype=dtype, M=M, mode=mode,
+                                   timing=timing, flops=2.0 * M * n * k,
+                                   bytes_moved=weight_bytes + (M * k + M * n) * 2,
+                                   rel_err=err, weight_copies=copies))
     os.environ.pop("PRUNEKIT_SPARSE24_KERNEL", None)
+    add_vs_dense(rows)
     return rows
+
+
+def add_vs_dense(rows: list[dict]) -> None:
+    """extras.vs_dense = dense time / this time, for rows whose case and mode also timed dense."""
+    dense = {(r["shape"], r["M"], r["mode"]): r["time_us"] for r in rows if r["provider"] == "dense"}
+    for r in rows:
+        base = dense.get((r["shape"], r["M"], r["mode"]))
+        if base is not None:
+            r["extras"]["vs_dense"] = round(base / r["time_us"], 3)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = common.require_cuda("bench_linear")
     dtype = getattr(torch, args.dtype)
+    run = common.run_info("bench_linear", device, argv)
     rows: list[dict] = []
     for shape in args.shapes:
         for M in args.ms:
-            rows += bench_case(shape, M, dtype, device, args)
+            rows += bench_case(run, shape, M, dtype, device, args)
             torch.cuda.empty_cache()
-            common.write_json(rows, args.out)  # keep what is done if a later case fails
-    common.print_table(rows)
+            common.write_results(args.out, "bench_linear", run, rows)  # keep what is done if a later case fails
+    print(common.results_table.render(run, rows))
     return 0
 
 

@@ -8,17 +8,20 @@ Target (DESIGN.md §6): <= 30 s on one H100 for 32 blocks; the reference pipelin
 
     python bench/bench_model.py [--blocks 32] [--samples 128] [--seq-len 2048] [--offload both|on|off]
 
-Writes DIR/bench_model.json and DIR/bench_model.md (DIR = --out, default bench/results).
+Writes DIR/bench_model.json and DIR/bench_model.md (DIR = --out, default bench/results; row schema in
+bench/common.py: M is the number of calibration tokens, mode is resident or offload).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 LLAMA7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-6)
@@ -39,7 +42,7 @@ def build_model(blocks: int, seq_len: int, device):
     return model.eval()
 
 
-def run_once(args, offload: bool) -> dict:
+def run_once(run: dict, args, offload: bool) -> dict:
     import prunekit
 
     gpu = torch.device("cuda")
@@ -51,29 +54,22 @@ def run_once(args, offload: bool) -> dict:
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, LLAMA7B["vocab_size"], (args.samples, args.seq_len), generator=g)
     torch.cuda.reset_peak_memory_stats(gpu)
-    start = time.perf_counter()
-    report = prunekit.prune(model, prunekit.SparseGPT("2:4"), tokens, offload=offload, device=gpu,
-                            progress=args.progress)
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    row = {"op": "sparsegpt_model", "pattern": "2:4", "offload": offload, "blocks": args.blocks,
-           "samples": args.samples, "seq_len": args.seq_len, "seconds": seconds,
-           "method_seconds": report.prune_seconds, "peak_gpu_gib": torch.cuda.max_memory_allocated(gpu) / 2**30,
-           "layers": len(report.layers), "sparsity": report.sparsity, "error": report.error,
-           "device": torch.cuda.get_device_name(gpu), "torch": torch.__version__}
-    del model, report
+    result = {}
+
+    def prune():
+        result["report"] = prunekit.prune(model, prunekit.SparseGPT("2:4"), tokens, offload=offload, device=gpu,
+                                          progress=args.progress)
+
+    timing = common.wall_time_ms(prune)  # one run: pruning is in place, the model cannot be pruned twice
+    report = result["report"]
+    row = common.row(run, "sparsegpt_model", "prunekit", shape=f"llama7b:{args.blocks}blk", dtype=torch.bfloat16,
+                     M=args.samples * args.seq_len, mode="offload" if offload else "resident", timing=timing,
+                     pattern="2:4", blocks=args.blocks, calib=f"{args.samples}x{args.seq_len}",
+                     method_s=report.prune_seconds, peak_gpu_gib=torch.cuda.max_memory_allocated(gpu) / 2**30,
+                     layers=len(report.layers), sparsity=report.sparsity, error=report.error)
+    del model, report, result
     torch.cuda.empty_cache()
     return row
-
-
-def markdown(rows: list[dict]) -> str:
-    lines = ["| blocks | calib | offload | total s | method s | peak GPU GiB | layers | sparsity |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['blocks']} | {r['samples']}x{r['seq_len']} | {'on' if r['offload'] else 'off'} | "
-                     f"{r['seconds']:.1f} | {r['method_seconds']:.1f} | {r['peak_gpu_gib']:.1f} | {r['layers']} | "
-                     f"{r['sparsity']:.3f} |")
-    return f"# bench_model — {rows[0]['device']} (torch {rows[0]['torch']})\n\n" + "\n".join(lines) + "\n"
 
 
 def parse_args(argv=None):
@@ -83,29 +79,21 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--offload", choices=["both", "on", "off"], default="both")
     p.add_argument("--progress", action="store_true", help="show prunekit's progress bar")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    common.add_out_arg(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print(f"bench_model.py needs a CUDA GPU, and torch {torch.__version__} sees none "
-              f"(torch.version.cuda={torch.version.cuda}). Run it on the GPU machine.", file=sys.stderr)
-        return 2
+    device = common.require_cuda("bench_model")
+    run = common.run_info("bench_model", device, argv, target="<= 30 s for 32 blocks, 128x2048 calib (DESIGN.md §6)")
     modes = {"both": [False, True], "on": [True], "off": [False]}[args.offload]
     rows = []
     for offload in modes:
-        row = run_once(args, offload)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_model.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    table = markdown(rows)
-    with open(os.path.join(args.out, "bench_model.md"), "w") as f:
-        f.write(table)
-    print(table)
+        rows.append(run_once(run, args, offload))
+        print(json.dumps(rows[-1]), flush=True)
+        common.write_results(args.out, "bench_model", run, rows)  # keep what is done if a later mode fails
+    print(common.results_table.render(run, rows))
     return 0
 
 

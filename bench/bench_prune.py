@@ -9,56 +9,25 @@ the norms once, write the mask once, at the copy bandwidth measured on this devi
 
     python bench/bench_prune.py [--shapes 4096x4096,11008x4096] [--patterns 0.5,2:4] [--out DIR]
 
-Writes DIR/bench_prune.json (one JSON row per provider and case) and DIR/bench_prune.md.
+Writes DIR/bench_prune.json (one row per provider and case, schema in bench/common.py) and
+DIR/bench_prune.md; DIR defaults to bench/results.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
 LLAMA7B_SHAPES = ["4096x4096", "11008x4096", "4096x11008", "14336x4096"]  # [out, in]: q/o, up/gate, down, Mistral-style up
 PATTERNS = ["0.5", "2:4"]
-
-
-# ---- timing (bench/common.py did not exist when this was written; kept local and small) ----------
-
-def cuda_time_ms(fn, *, warmup: int = 1, repeats: int = 5) -> dict:
-    """Median/min/max milliseconds of fn() between CUDA events, after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return {"ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times), "repeats": repeats}
-
-
-def copy_bandwidth_gbs(device, nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy bandwidth (read + write bytes per second), the bytes-floor yardstick."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    t = cuda_time_ms(lambda: dst.copy_(src), warmup=2, repeats=10)
-    return 2 * nbytes / (t["ms"] * 1e-3) / 1e9
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 # ---- problem -----------------------------------------------------------------------------------
@@ -92,37 +61,41 @@ def n_m(pattern: str) -> tuple[int, int]:
 
 # ---- cases --------------------------------------------------------------------------------------
 
-def bench_sparsegpt(W, H, pattern: str, ref_repeats: int) -> list[dict]:
+def shape_of(W: torch.Tensor) -> str:
+    return f"{W.shape[0]}x{W.shape[1]}"
+
+
+def bench_sparsegpt(run: dict, W, H, pattern: str, ref_repeats: int) -> list[dict]:
     import prunekit
     from prunekit.ref.sparsegpt import reference_fasterprune
 
     n, m = n_m(pattern)
     sparsity = 0.5 if m else float(pattern)
-    ours = {}
+    ours, theirs = {}, {}
 
     def run_ours():
         ours["res"] = prunekit.sparsegpt_prune(W, H, pattern)
 
-    theirs = {}
-
     def run_ref():  # the reference counts PRUNED weights per group (prunen = M - N)
         theirs["res"] = reference_fasterprune(W, H, sparsity, (m - n) if m else 0, m)
 
-    t_ours = cuda_time_ms(run_ours, warmup=2, repeats=5)
-    t_ref = cuda_time_ms(run_ref, warmup=0, repeats=ref_repeats)
+    t_ours = common.time_once_ms(run_ours, warmup=2, repeats=5)
+    t_ref = common.time_once_ms(run_ref, warmup=0, repeats=ref_repeats)
     W_ref, keep_ref, _ = theirs["res"]
     res = ours["res"]
     err_ours, err_ref = relative_error(W, res.weight, H), relative_error(W, W_ref, H)
-    common = {"op": "sparsegpt_layer", "pattern": pattern, "mask_diff": float((res.mask != keep_ref).float().mean())}
+    case = dict(shape=shape_of(W), dtype=W.dtype, pattern=pattern,
+                mask_diff=float((res.mask != keep_ref).float().mean()))
     return [
-        {**common, "provider": "prunekit", **t_ours, "speedup": t_ref["ms"] / t_ours["ms"], "rel_err": err_ours,
-         "rel_err_diff": err_ours - err_ref, "sparsity": res.sparsity},
-        {**common, "provider": "reference", **t_ref, "speedup": 1.0, "rel_err": err_ref, "rel_err_diff": 0.0,
-         "sparsity": 1.0 - float(keep_ref.float().mean())},
+        common.row(run, "sparsegpt_layer", "prunekit", timing=t_ours, **case,
+                   speedup=t_ref["time_ms"] / t_ours["time_ms"], rel_err=err_ours, rel_err_diff=err_ours - err_ref,
+                   sparsity=res.sparsity),
+        common.row(run, "sparsegpt_layer", "reference", timing=t_ref, **case, speedup=1.0, rel_err=err_ref,
+                   rel_err_diff=0.0, sparsity=1.0 - float(keep_ref.float().mean())),
     ]
 
 
-def bench_wanda(W, H, act_norm_sq, pattern: str, copy_gbs: float) -> list[dict]:
+def bench_wanda(run: dict, W, H, act_norm_sq, pattern: str, copy_gbs: float) -> list[dict]:
     import prunekit
     from prunekit.ref.wanda import wanda_prune_mask
 
@@ -136,39 +109,21 @@ def bench_wanda(W, H, act_norm_sq, pattern: str, copy_gbs: float) -> list[dict]:
     def run_ref():  # True = PRUNED there; prune_n counts pruned weights per group
         theirs["pruned"] = wanda_prune_mask(W, act_norm_sq, sparsity, (m - n) if m else 0, m)
 
-    t_ours = cuda_time_ms(run_ours, warmup=3, repeats=20)
-    t_ref = cuda_time_ms(run_ref, warmup=1, repeats=5)
+    t_ours = common.time_once_ms(run_ours, warmup=3, repeats=20)
+    t_ref = common.time_once_ms(run_ref, warmup=1, repeats=5)
     keep_ours, keep_ref = ours["keep"], ~theirs["pruned"]
     err_ours = relative_error(W, W * keep_ours, H)
     err_ref = relative_error(W, W * keep_ref, H)
     nbytes = W.numel() * W.element_size() + act_norm_sq.numel() * 4 + keep_ours.numel()  # bool mask out
     floor_ms = nbytes / (copy_gbs * 1e9) * 1e3
-    common = {"op": "wanda_mask", "pattern": pattern, "mask_diff": float((keep_ours != keep_ref).float().mean()),
-              "bytes": nbytes, "bytes_floor_ms": floor_ms}
+    case = dict(shape=shape_of(W), dtype=W.dtype, bytes_moved=nbytes, pattern=pattern,
+                mask_diff=float((keep_ours != keep_ref).float().mean()), bytes=nbytes, bytes_floor_ms=floor_ms)
     return [
-        {**common, "provider": "prunekit", **t_ours, "speedup": t_ref["ms"] / t_ours["ms"], "rel_err": err_ours,
-         "rel_err_diff": err_ours - err_ref, "x_floor": t_ours["ms"] / floor_ms,
-         "gb_s": nbytes / (t_ours["ms"] * 1e-3) / 1e9},
-        {**common, "provider": "reference", **t_ref, "speedup": 1.0, "rel_err": err_ref, "rel_err_diff": 0.0,
-         "x_floor": t_ref["ms"] / floor_ms, "gb_s": nbytes / (t_ref["ms"] * 1e-3) / 1e9},
+        common.row(run, "wanda_mask", "prunekit", timing=t_ours, **case, speedup=t_ref["time_ms"] / t_ours["time_ms"],
+                   rel_err=err_ours, rel_err_diff=err_ours - err_ref, x_floor=t_ours["time_ms"] / floor_ms),
+        common.row(run, "wanda_mask", "reference", timing=t_ref, **case, speedup=1.0, rel_err=err_ref,
+                   rel_err_diff=0.0, x_floor=t_ref["time_ms"] / floor_ms),
     ]
-
-
-# ---- output -------------------------------------------------------------------------------------
-
-def markdown(rows: list[dict], header: dict) -> str:
-    lines = [f"# bench_prune — {header['device']} (torch {header['torch']}, commit {header['commit']})", "",
-             f"Copy bandwidth measured: {header['copy_gb_s']:.0f} GB/s. Times are medians of CUDA-event "
-             "timings (reference SparseGPT: a single run).", "",
-             "| op | shape (out x in) | pattern | provider | ms (min–max) | speedup | mask diff | rel err | "
-             "rel err diff | x bytes floor |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        floor = f"{r['x_floor']:.1f}" if "x_floor" in r else ""
-        lines.append(f"| {r['op']} | {r['shape']} | {r['pattern']} | {r['provider']} | {r['ms']:.3f} "
-                     f"({r['ms_min']:.3f}–{r['ms_max']:.3f}) | {r['speedup']:.1f}x | {r['mask_diff']:.2e} | "
-                     f"{r['rel_err']:.4e} | {r['rel_err_diff']:+.2e} | {floor} |")
-    return "\n".join(lines) + "\n"
 
 
 def parse_args(argv=None):
@@ -177,22 +132,17 @@ def parse_args(argv=None):
     p.add_argument("--patterns", default=",".join(PATTERNS), help="comma list of fractions or N:M")
     p.add_argument("--methods", default="sparsegpt,wanda")
     p.add_argument("--ref-repeats", type=int, default=1, help="timed runs of the (slow) SparseGPT reference")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    common.add_out_arg(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print(f"bench_prune.py needs a CUDA GPU, and torch {torch.__version__} sees none "
-              f"(torch.version.cuda={torch.version.cuda}). Run it on the GPU machine.", file=sys.stderr)
-        return 2
-    import prunekit
-
-    device = torch.device("cuda")
-    header = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "commit": git_commit(),
-              "copy_gb_s": copy_bandwidth_gbs(device), "backends": prunekit.backends(),
-              "sweep_backend": os.environ.get("PRUNEKIT_SWEEP_BACKEND", "auto")}
+    device = common.require_cuda("bench_prune")
+    copy_gbs = common.copy_bandwidth_gbs(device)
+    run = common.run_info("bench_prune", device, argv, copy_gb_s=round(copy_gbs, 1),
+                          sweep_backend=os.environ.get("PRUNEKIT_SWEEP_BACKEND", "auto"),
+                          note="reference SparseGPT timed --ref-repeats times (default once)")
     rows: list[dict] = []
     methods = args.methods.split(",")
     for shape in args.shapes.split(","):
@@ -202,23 +152,17 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             case = []
             if "sparsegpt" in methods:
-                case += bench_sparsegpt(W, H, pattern, args.ref_repeats)
+                case += bench_sparsegpt(run, W, H, pattern, args.ref_repeats)
             if "wanda" in methods:
-                case += bench_wanda(W, H, act_norm_sq, pattern, header["copy_gb_s"])
+                case += bench_wanda(run, W, H, act_norm_sq, pattern, copy_gbs)
             for r in case:
-                r.update(shape=shape, dtype="bfloat16", device=header["device"], commit=header["commit"])
                 print(json.dumps(r), flush=True)
             rows += case
+            common.write_results(args.out, "bench_prune", run, rows)  # keep what is done if a later case fails
             print(f"# {shape} {pattern}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
         del W, H, act_norm_sq
         torch.cuda.empty_cache()
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_prune.json"), "w") as f:
-        json.dump({"header": header, "rows": rows}, f, indent=1)
-    table = markdown(rows, header)
-    with open(os.path.join(args.out, "bench_prune.md"), "w") as f:
-        f.write(table)
-    print(table)
+    print(common.results_table.render(run, rows))
     return 0
 
 

@@ -69,8 +69,21 @@ def calibration_batches(tokenizer, texts: str | Iterable[str], n_samples: int = 
     `special_tokens=True` frames each window the way the tokenizer frames a sequence (e.g.
     [CLS] ... [SEP] for BERT-style encoders).
     """
-    wrap = tokenizer.build_inputs_with_special_tokens if special_tokens else None
+    wrap = _special_token_framer(tokenizer) if special_tokens else None
     return windows(tokenize(tokenizer, texts), n_samples, seq_len, seed, wrap=wrap)
+
+
+def _special_token_framer(tokenizer):
+    """A function adding the tokens the tokenizer puts before and after a sequence, found by
+    encoding a probe word with and without them (works for fast and slow tokenizers)."""
+    bare = tokenizer("hello", add_special_tokens=False)["input_ids"]
+    framed = tokenizer("hello", add_special_tokens=True)["input_ids"]
+    at = next((i for i in range(len(framed) - len(bare) + 1) if framed[i:i + len(bare)] == bare), None)
+    if at is None:
+        raise ValueError(f"special_tokens=True: cannot tell which special tokens "
+                         f"{type(tokenizer).__name__} adds around a sequence")
+    prefix, suffix = framed[:at], framed[at + len(bare):]
+    return lambda ids: [*prefix, *ids, *suffix]
 
 
 def from_file(tokenizer, path: str | os.PathLike, n_samples: int = 128, seq_len: int = 2048,

@@ -93,13 +93,17 @@ def embedding_fidelity(dense_model: nn.Module, pruned_model: nn.Module, batches,
     nn_agreement: fraction of sentences whose nearest other sentence is the same under both models.
     """
     batches = list(batches)
-    dense = embed(dense_model, batches, device)
-    pruned = embed(pruned_model, batches, device)
-    cosine = (dense * pruned).sum(-1).mean().item()
+    return compare_embeddings(embed(dense_model, batches, device), embed(pruned_model, batches, device))
+
+
+def compare_embeddings(dense: torch.Tensor, pruned: torch.Tensor) -> dict:
+    """`embedding_fidelity` on embeddings already computed (L2-normalized, one row per sentence)."""
+    if dense.shape != pruned.shape:
+        raise ValueError(f"embeddings: dense {tuple(dense.shape)} and pruned {tuple(pruned.shape)} differ in shape")
     if dense.shape[0] < 2:
         raise ValueError("embedding_fidelity: needs at least 2 sentences for nearest neighbours")
-    return {"cosine": cosine, "nn_agreement": (_nearest(dense) == _nearest(pruned)).float().mean().item(),
-            "sentences": dense.shape[0]}
+    agree = (_nearest(dense) == _nearest(pruned)).float().mean().item()
+    return {"cosine": (dense * pruned).sum(-1).mean().item(), "nn_agreement": agree, "sentences": dense.shape[0]}
 
 
 def _nearest(emb: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,12 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @dataclass
 class LayerReport:
     name: str
@@ -71,6 +77,7 @@ class PruneReport:
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(self.to_dict(), f, indent=2)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a normal file's mode
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):

@@ -1,4 +1,4 @@
-"""prunekit.prune: prune every targeted linear layer of a model, block by block, as the references do.
+"""prunekit.prune (defined here, in pipeline.py): prune every targeted linear layer of a model, block by block, as the references do.
 
 For each block: run the calibration inputs through it with hooks that accumulate each layer's
 statistics, prune the block's layers, then run it again to measure each layer's reconstruction error
@@ -21,6 +21,17 @@ from .pruning.base import LayerResult, PruningMethod
 from .report import LayerReport, PruneReport
 
 log = logging.getLogger("prunekit")
+
+METHODS = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT"}
+
+
+def make_method(name: str, sparsity) -> PruningMethod:
+    """A pruning method by its command-line name: make_method("wanda", "2:4") is prunekit.Wanda("2:4")."""
+    import prunekit
+
+    if name not in METHODS:
+        raise ValueError(f"method: expected one of {sorted(METHODS)}, got {name!r}")
+    return getattr(prunekit, METHODS[name])(sparsity)
 
 
 def prune(model: nn.Module, method: PruningMethod, calibration, *, include=None, exclude=None,
@@ -58,6 +69,8 @@ def prune(model: nn.Module, method: PruningMethod, calibration, *, include=None,
              len(targets), method, device, block_path or "none", len(batches))
 
     report = PruneReport(method=repr(method), pattern=str(method.pattern), blocks=block_path)
+    if getattr(method, "scope", None) == "global":
+        method = _GlobalMagnitude(method, targets)
     offload = offload and block_list is not None and device != home
     was_training = model.training
     model.eval()
@@ -84,6 +97,25 @@ def prune(model: nn.Module, method: PruningMethod, calibration, *, include=None,
     report.seconds = time.perf_counter() - start
     log.info("pruned %d layers to sparsity %.4f in %.1f s", len(report.layers), report.sparsity, report.seconds)
     return report
+
+
+class _GlobalMagnitude(PruningMethod):
+    """Magnitude(scope="global"): one threshold over all targeted layers, so the masks are chosen
+    up front (magnitude needs no calibration data) and handed out layer by layer."""
+
+    def __init__(self, method: PruningMethod, targets: dict[str, nn.Module]):
+        from .pruning.magnitude import global_magnitude_masks
+
+        self.method, self.pattern = method, method.pattern
+        weights = {name: calibrate.layer_weight(m).detach() for name, m in targets.items()}
+        self.masks = global_magnitude_masks(weights, method.pattern, score=method.score)
+
+    def prune_layer(self, weight, stats=None, name="layer") -> LayerResult:
+        keep = self.masks.pop(name).to(weight.device)
+        return LayerResult(weight=weight.masked_fill(~keep, 0), mask=keep, pattern=self.pattern)
+
+    def __repr__(self) -> str:
+        return repr(self.method)
 
 
 @contextlib.contextmanager
@@ -169,7 +201,7 @@ def _prune_layers(layers: dict[str, nn.Module], run, n_batches: int, method: Pru
     def measure(name):
         def hook(module, args, output):
             x = args[0].reshape(-1, deltas[name].shape[1]).float()
-            errors[name] += (x @ deltas[name].t()).pow(2).sum(dtype=torch.float64)
+            errors[name] += (x @ deltas[name].t()).pow(2).sum().double()  # fp32 per batch, fp64 across
         return hook
 
     handles = [m.register_forward_hook(measure(name)) for name, m in layers.items()]

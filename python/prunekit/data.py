@@ -132,7 +132,11 @@ def _check_token_ids(t, name: str) -> torch.Tensor:
 
 
 def _check_batch(batch: dict, name: str, max_len: int | None, vocab: int | None) -> dict:
-    ids = _check_token_ids(batch.get("input_ids"), f"{name}.input_ids")
+    """Checks token ids when the batch has them; other model inputs (a custom module's float
+    features, say) pass through as given."""
+    if "input_ids" not in batch:
+        return batch
+    ids = _check_token_ids(batch["input_ids"], f"{name}.input_ids")
     if ids.dim() != 2:
         raise ValueError(f"{name}.input_ids: expected shape [batch, seq_len], got {tuple(ids.shape)}")
     if max_len is not None and ids.shape[1] > max_len:
@@ -145,7 +149,7 @@ def _check_batch(batch: dict, name: str, max_len: int | None, vocab: int | None)
     mask = batch.get("attention_mask")
     if mask is not None and tuple(mask.shape) != tuple(ids.shape):
         raise ValueError(f"{name}.attention_mask: expected shape {tuple(ids.shape)}, got {tuple(mask.shape)}")
-    return {k: (v.long() if k == "input_ids" else v) for k, v in batch.items()}
+    return {**batch, "input_ids": ids.long()}
 
 
 def as_batches(calibration, *, batch_size: int = 1, max_len: int | None = None,
@@ -153,7 +157,8 @@ def as_batches(calibration, *, batch_size: int = 1, max_len: int | None = None,
     """Normalizes calibration data into a list of model-input dicts, checking shapes and dtypes.
 
     Accepts a [n_samples, seq_len] tensor of token ids (split into batches of `batch_size` rows),
-    one dict of model inputs, or an iterable of [batch, seq_len] / [seq_len] tensors or dicts.
+    one dict of model inputs, or an iterable of [batch, seq_len] / [seq_len] tensors or dicts
+    (keyword arguments of the model's forward; `input_ids`, when present, is checked).
     """
     if not (isinstance(batch_size, int) and batch_size > 0):
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")

@@ -63,8 +63,8 @@ def prune(model: nn.Module, method: PruningMethod, calibration, *, include=None,
     targets = calibrate.select_layers(model, include, exclude, block_path)
     if not targets:
         raise calibrate.no_layers_error(model, include, exclude)
-    for name, module in targets.items():
-        method.check_weight(calibrate.layer_weight(module), name)
+    for name, module in targets.items():  # fail before any forward when a width does not fit N:M
+        method.pattern.check_width(calibrate.in_features(module), f"{name}.weight")
     log.info("pruning %d layers with %r on %s (blocks: %s, %d calibration batches)",
              len(targets), method, device, block_path or "none", len(batches))
 
@@ -270,7 +270,7 @@ def _check_result(result: LayerResult, dense: torch.Tensor, name: str, method: P
     if tuple(result.weight.shape) != tuple(dense.shape) or tuple(result.mask.shape) != tuple(dense.shape):
         raise RuntimeError(f"{method!r} returned weight {tuple(result.weight.shape)} / mask "
                            f"{tuple(result.mask.shape)} for {name}, expected {tuple(dense.shape)}")
-    if bool((result.weight[~result.mask] != 0).any()):
+    if bool(result.weight.ne(0).logical_and_(~result.mask).any()):
         raise RuntimeError(f"{method!r} left nonzero weights outside its mask in {name}")
 
 

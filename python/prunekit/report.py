@@ -118,7 +118,7 @@ class PruneReport:
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 0.25 * len(self.layers)), 6), sharex=True)
         top.bar(x, [layer.sparsity for layer in self.layers])
         top.set_ylabel("sparsity")
-        top.set_title(f"{self.method}: per-layer sparsity and reconstruction error")
+        top.set_title(f"per-layer sparsity and reconstruction error\n{self.method}", fontsize=9)
         bottom.bar(x, [layer.error for layer in self.layers], color="tab:red")
         bottom.set_ylabel("error")
         bottom.set_yscale("symlog")

@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, help="checkpoint directory")
     e.add_argument("--data", required=True, help="UTF-8 text file to evaluate on")
     e.add_argument("--seq-len", type=int, default=None, help="window length (default: model maximum, ≤2048)")
+    e.add_argument("--batch-size", type=int, default=1, help="windows per forward (default 1)")
     e.add_argument("--reference", default=None,
                    help="dense checkpoint to compare sentence embeddings with (encoders)")
     e.add_argument("--device", default=None)
@@ -176,7 +177,7 @@ def _eval(args) -> int:
         seq_len = _default_seq_len(model, args.seq_len)
         tokens = data.tokenize(tokenizer, data.read_texts(args.data))
         results["seq_len"] = seq_len
-        results["perplexity"] = pk_eval.perplexity(model, tokens, seq_len=seq_len)
+        results["perplexity"] = pk_eval.perplexity(model, tokens, seq_len=seq_len, batch_size=args.batch_size)
     if args.reference is not None:
         dense, _ = load_checkpoint(args.reference, args.device)
         batches = data.encode_sentences(tokenizer, data.read_texts(args.data))

@@ -1,4 +1,7 @@
-"""prunekit.prune (defined here, in pipeline.py): prune every targeted linear layer of a model, block by block, as the references do.
+"""prunekit.prune: prune every targeted linear layer of a model, block by block, as the references do.
+
+(The module is pipeline.py, not prune.py: a submodule named like the function would shadow
+`prunekit.prune` once imported.)
 
 For each block: run the calibration inputs through it with hooks that accumulate each layer's
 statistics, prune the block's layers, then run it again to measure each layer's reconstruction error
@@ -71,6 +74,8 @@ def prune(model: nn.Module, method: PruningMethod, calibration, *, include=None,
     report = PruneReport(method=repr(method), pattern=str(method.pattern), blocks=block_path)
     if getattr(method, "scope", None) == "global":
         method = _GlobalMagnitude(method, targets)
+    if offload and block_list is None:
+        log.warning("offload needs a block list; the whole model goes to %s", device)
     offload = offload and block_list is not None and device != home
     was_training = model.training
     model.eval()
@@ -92,6 +97,7 @@ def prune(model: nn.Module, method: PruningMethod, calibration, *, include=None,
         model.train(was_training)
         if offload:
             calibrate.move_outside_blocks(model, block_list, home)
+            block_list.to(home)  # a no-op unless a block was left on the device by an error
         elif device != home:
             model.to(home)
     report.seconds = time.perf_counter() - start
@@ -120,22 +126,29 @@ class _GlobalMagnitude(PruningMethod):
 
 @contextlib.contextmanager
 def _seeded(seed: int, device: torch.device):
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         yield
 
 
 def _prune_blocks(model, block_path, block_list, targets, batches, method, device, offload_home,
                   progress, report) -> set[str]:
-    """Walks the blocks in order; returns the names of the layers it pruned."""
+    """Walks the blocks in order, up to the last one holding a targeted layer; returns the names
+    of the layers it pruned."""
+    per_block = []
+    for child, block in block_list.named_children():
+        prefix = f"{block_path}.{child}."
+        per_block.append((block, {name: m for name, m in targets.items() if name.startswith(prefix)}))
+    while per_block and not per_block[-1][1]:
+        per_block.pop()
+    if not per_block:
+        return set()
     calibrate.warn_if_layer_types_differ(model)
     inputs = calibrate.capture_block_inputs(model, block_list[0], batches, device)
     done: set[str] = set()
-    bar = tqdm(list(block_list.named_children()), desc=f"prunekit {method!r}", unit="block",
-               disable=not progress)
-    for index, (child, block) in enumerate(bar):
-        prefix = f"{block_path}.{child}."
-        layers = {name: m for name, m in targets.items() if name.startswith(prefix)}
+    bar = tqdm(per_block, desc=f"prunekit {method!r}", unit="block", disable=not progress)
+    for index, (block, layers) in enumerate(bar):
         if offload_home is not None:
             block.to(device)
 

@@ -41,7 +41,8 @@ def _nm_kernel(src_ptr, sqrt_norm_ptr, keep_ptr, rows, width,
                N: tl.constexpr, M: tl.constexpr, FUSED: tl.constexpr,
                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+    # full [BLOCK_R, BLOCK_C] column indices, so the norm loads need no pointer/mask broadcasting
+    c = tl.broadcast_to(tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :], (BLOCK_R, BLOCK_C))
     inb = (r < rows) & (c < width)
     row_base = r.to(tl.int64) * width
     x = _scores(src_ptr, sqrt_norm_ptr, row_base, c, inb, FUSED)
@@ -58,7 +59,7 @@ def _nm_kernel(src_ptr, sqrt_norm_ptr, keep_ptr, rows, width,
 @triton.jit
 def _count_below(src_ptr, sqrt_norm_ptr, row_base, width, bound, FUSED: tl.constexpr, BLOCK: tl.constexpr):
     """#{key < bound} over a row too wide for registers, one chunk at a time."""
-    total = 0
+    total = tl.full([], 0, tl.int32)
     for start in range(0, width, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         inb = cols < width
@@ -96,7 +97,7 @@ def _row_kernel(src_ptr, sqrt_norm_ptr, keep_ptr, width, n_prune,
         tl.store(keep_ptr + row_base + cols, (pruned == 0).to(tl.uint8), mask=inb)
     else:
         below = _count_below(src_ptr, sqrt_norm_ptr, row_base, width, t, FUSED, BLOCK)
-        ties_seen = 0
+        ties_seen = tl.full([], 0, tl.int32)
         for start in range(0, width, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             inb = cols < width

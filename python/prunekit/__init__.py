@@ -26,7 +26,7 @@ _EXPORTS = {
     "wanda_mask": ("pruning.wanda", "wanda_mask"),
     "SparseGPT": ("pruning.sparsegpt", "SparseGPT"),
     "sparsegpt_prune": ("pruning.sparsegpt", "sparsegpt_prune"),
-    "prune": ("prune", "prune"),
+    "prune": ("pipeline", "prune"),  # not prune.py: a submodule named like the function would shadow it
     "PruneReport": ("report", "PruneReport"),
     "SparseLinear": ("nn.sparse_linear", "SparseLinear"),
     "sparsify": ("nn.swap", "sparsify"),

@@ -1,0 +1,293 @@
+"""prunekit.prune: prune every targeted linear layer of a model, block by block, as the references do.
+
+(The module is pipeline.py, not prune.py: a submodule named like the function would shadow
+`prunekit.prune` once imported.)
+
+For each block: run the calibration inputs through it with hooks that accumulate each layer's
+statistics, prune the block's layers, then run it again to measure each layer's reconstruction error
+and to produce the inputs of the next block — so block i+1 is calibrated on the outputs of the pruned
+blocks before it. Linear layers outside the block list (only when `include` asks for them), and every
+layer of a model without blocks, are pruned afterwards from statistics of whole-model forwards.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import calibrate, data
+from .pruning.base import LayerResult, PruningMethod
+from .report import LayerReport, PruneReport
+
+log = logging.getLogger("prunekit")
+
+METHODS = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT"}
+
+
+def make_method(name: str, sparsity) -> PruningMethod:
+    """A pruning method by its command-line name: make_method("wanda", "2:4") is prunekit.Wanda("2:4")."""
+    import prunekit
+
+    if name not in METHODS:
+        raise ValueError(f"method: expected one of {sorted(METHODS)}, got {name!r}")
+    return getattr(prunekit, METHODS[name])(sparsity)
+
+
+def prune(model: nn.Module, method: PruningMethod, calibration, *, include=None, exclude=None,
+          offload: bool = False, device=None, blocks: str | None = None, seed: int = 0,
+          progress: bool = True, batch_size: int = 1) -> PruneReport:
+    """Prunes `model` in place with `method` and returns a per-layer report.
+
+    calibration: token ids [n_samples, seq_len] (see prunekit.data), or a list of batches (tensors or
+        dicts of model inputs). A tensor is fed `batch_size` rows at a time.
+    include / exclude: layer-name patterns (glob or regular expression). By default every linear
+        layer inside the model's blocks is pruned, and the LM head and embeddings stay dense.
+    device: where the computation runs (default: where the model is). The model is left where it was.
+    offload: keep the model on its own device (CPU) and bring only the block being pruned to `device`.
+    blocks: dotted name of the block list (e.g. "model.layers") when it cannot be discovered.
+    seed: seeds torch's RNG for the run, so a given seed gives the same result.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(method, PruningMethod):
+        raise TypeError(f"method: expected a prunekit pruning method (e.g. prunekit.Wanda(0.5)), "
+                        f"got {type(method).__name__}")
+    start = time.perf_counter()
+    home = calibrate.model_device(model)
+    device = torch.device(device) if device is not None else home
+    batches = data.as_batches(calibration, batch_size=batch_size, max_len=data.max_positions(model),
+                              vocab=data.vocab_size(model))
+    found = calibrate.find_blocks(model, blocks)
+    block_path, block_list = found if found is not None else (None, None)
+    targets = calibrate.select_layers(model, include, exclude, block_path)
+    if not targets:
+        raise calibrate.no_layers_error(model, include, exclude)
+    for name, module in targets.items():  # fail before any forward when a width does not fit N:M
+        method.pattern.check_width(calibrate.in_features(module), f"{name}.weight")
+    log.info("pruning %d layers with %r on %s (blocks: %s, %d calibration batches)",
+             len(targets), method, device, block_path or "none", len(batches))
+
+    report = PruneReport(method=repr(method), pattern=str(method.pattern), blocks=block_path)
+    if getattr(method, "scope", None) == "global":
+        method = _GlobalMagnitude(method, targets)
+    if offload and block_list is None:
+        log.warning("offload needs a block list; the whole model goes to %s", device)
+    offload = offload and block_list is not None and device != home
+    was_training = model.training
+    model.eval()
+    try:
+        if offload:
+            calibrate.move_outside_blocks(model, block_list, device)
+        elif device != home:
+            model.to(device)
+        with torch.no_grad(), _seeded(seed, device):
+            done = set()
+            if block_list is not None:
+                done = _prune_blocks(model, block_path, block_list, targets, batches, method, device,
+                                     home if offload else None, progress, report)
+            rest = {name: m for name, m in targets.items() if name not in done}
+            if rest:
+                _prune_whole_model(model, rest, batches, method, device, block_list if offload else None,
+                                   home, report)
+    finally:
+        model.train(was_training)
+        if offload:
+            calibrate.move_outside_blocks(model, block_list, home)
+            block_list.to(home)  # a no-op unless a block was left on the device by an error
+        elif device != home:
+            model.to(home)
+    report.seconds = time.perf_counter() - start
+    log.info("pruned %d layers to sparsity %.4f in %.1f s", len(report.layers), report.sparsity, report.seconds)
+    return report
+
+
+class _GlobalMagnitude(PruningMethod):
+    """Magnitude(scope="global"): one threshold over all targeted layers, so the masks are chosen
+    up front (magnitude needs no calibration data) and handed out layer by layer."""
+
+    def __init__(self, method: PruningMethod, targets: dict[str, nn.Module]):
+        from .pruning.magnitude import global_magnitude_masks
+
+        self.method, self.pattern = method, method.pattern
+        weights = {name: calibrate.layer_weight(m).detach() for name, m in targets.items()}
+        self.masks = global_magnitude_masks(weights, method.pattern, score=method.score)
+
+    def prune_layer(self, weight, stats=None, name="layer") -> LayerResult:
+        keep = self.masks.pop(name).to(weight.device)
+        return LayerResult(weight=weight.masked_fill(~keep, 0), mask=keep, pattern=self.pattern)
+
+    def __repr__(self) -> str:
+        return repr(self.method)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device):
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
+
+
+def _prune_blocks(model, block_path, block_list, targets, batches, method, device, offload_home,
+                  progress, report) -> set[str]:
+    """Walks the blocks in order, up to the last one holding a targeted layer; returns the names
+    of the layers it pruned."""
+    per_block = []
+    for child, block in block_list.named_children():
+        prefix = f"{block_path}.{child}."
+        per_block.append((block, {name: m for name, m in targets.items() if name.startswith(prefix)}))
+    while per_block and not per_block[-1][1]:
+        per_block.pop()
+    if not per_block:
+        return set()
+    calibrate.warn_if_layer_types_differ(model)
+    inputs = calibrate.capture_block_inputs(model, block_list[0], batches, device)
+    done: set[str] = set()
+    bar = tqdm(per_block, desc=f"prunekit {method!r}", unit="block", disable=not progress)
+    for index, (block, layers) in enumerate(bar):
+        if offload_home is not None:
+            block.to(device)
+
+        def run(j: int, block=block) -> torch.Tensor:
+            return inputs[j].call(block)
+
+        if layers:
+            outputs = _prune_layers(layers, run, len(inputs), method, device, report)
+        else:
+            outputs = [run(j) for j in range(len(inputs))]
+        for inp, out in zip(inputs, outputs):
+            inp.hidden = out
+        if offload_home is not None:
+            block.to(offload_home)
+        done.update(layers)
+        if layers:
+            errors = sum(r.error for r in report.layers[-len(layers):])
+            log.info("block %d/%d: %d layers pruned, reconstruction error %.4g", index + 1, len(bar),
+                     len(layers), errors)
+    return done
+
+
+def _prune_whole_model(model, layers, batches, method, device, offload_blocks, home, report) -> None:
+    """Prunes layers with statistics from whole-model forwards (models without blocks, or layers
+    outside the block list)."""
+    extra = calibrate.forward_kwargs(model)
+    offloading = (calibrate.OffloadHooks(offload_blocks, device, home) if offload_blocks is not None
+                  else contextlib.nullcontext())
+
+    def run(j: int) -> None:
+        model(**calibrate.to_device(batches[j], device), **extra)
+
+    with offloading:
+        _prune_layers(layers, run, len(batches), method, device, report)
+
+
+def _prune_layers(layers: dict[str, nn.Module], run, n_batches: int, method: PruningMethod,
+                  device: torch.device, report: PruneReport) -> list:
+    """Statistics pass, pruning, then a re-run that measures each layer's error; returns the
+    re-run's outputs."""
+    stats = _collect_stats(layers, run, n_batches, method, device)
+    deltas: dict[str, torch.Tensor] = {}
+    rows: dict[str, LayerReport] = {}
+    for name, module in layers.items():
+        dense = calibrate.layer_weight(module).detach().clone()
+        if stats[name] is not None and stats[name].nsamples == 0:
+            log.warning("%s received no calibration input; its statistics are empty", name)
+        began = _clock(device)
+        result = method.prune_layer(dense.clone(), stats[name], name)
+        seconds = _clock(device) - began
+        _check_result(result, dense, name, method)
+        calibrate.set_layer_weight(module, result.weight)
+        deltas[name] = dense.float() - result.weight.float()
+        rows[name] = LayerReport(name=name, shape=tuple(dense.shape), pattern=str(result.pattern),
+                                 sparsity=result.sparsity, error=0.0, seconds=seconds,
+                                 damping=result.damping, notes=list(result.notes))
+        for note in result.notes:
+            log.warning("%s: %s", name, note)
+    del stats
+
+    errors = {name: torch.zeros((), dtype=torch.float64, device=device) for name in layers}
+
+    def measure(name):
+        def hook(module, args, output):
+            x = args[0].reshape(-1, deltas[name].shape[1]).float()
+            errors[name] += (x @ deltas[name].t()).pow(2).sum().double()  # fp32 per batch, fp64 across
+        return hook
+
+    handles = [m.register_forward_hook(measure(name)) for name, m in layers.items()]
+    try:
+        outputs = [run(j) for j in range(n_batches)]
+    finally:
+        for h in handles:
+            h.remove()
+    for name, row in rows.items():
+        row.error = errors[name].item()
+        report.layers.append(row)
+    return outputs
+
+
+def _collect_stats(layers, run, n_batches, method, device) -> dict:
+    """Accumulates each layer's calibration statistics. Layers that read the very same input tensor
+    (q/k/v, gate/up) share one statistics object, so it is accumulated once."""
+    stats = {name: method.new_stats(calibrate.in_features(m), device=device, name=name)
+             for name, m in layers.items()}
+    wanted = {name: layers[name] for name, s in stats.items() if s is not None}
+    if not wanted:
+        return stats
+
+    seen: dict[str, torch.Tensor] = {}
+
+    def probe(name):
+        def hook(module, args):
+            seen.setdefault(name, args[0])
+        return hook
+
+    handles = [m.register_forward_pre_hook(probe(name)) for name, m in wanted.items()]
+    try:
+        run(0)
+    finally:
+        for h in handles:
+            h.remove()
+    leaders: list[str] = []
+    for name in wanted:
+        same = next((lead for lead in leaders if name in seen and seen.get(lead) is seen[name]), None)
+        if same is None:
+            leaders.append(name)
+            if name in seen:
+                stats[name].add_batch(seen[name])
+        else:
+            stats[name] = stats[same]
+    seen.clear()
+
+    def accumulate(name):
+        def hook(module, args):
+            stats[name].add_batch(args[0])
+        return hook
+
+    handles = [wanted[name].register_forward_pre_hook(accumulate(name)) for name in leaders]
+    try:
+        for j in range(1, n_batches):
+            run(j)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _check_result(result: LayerResult, dense: torch.Tensor, name: str, method: PruningMethod) -> None:
+    if not isinstance(result, LayerResult):
+        raise TypeError(f"{method!r}.prune_layer({name}) returned {type(result).__name__}, expected a LayerResult")
+    if tuple(result.weight.shape) != tuple(dense.shape) or tuple(result.mask.shape) != tuple(dense.shape):
+        raise RuntimeError(f"{method!r} returned weight {tuple(result.weight.shape)} / mask "
+                           f"{tuple(result.mask.shape)} for {name}, expected {tuple(dense.shape)}")
+    if bool(result.weight.ne(0).logical_and_(~result.mask).any()):
+        raise RuntimeError(f"{method!r} left nonzero weights outside its mask in {name}")
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

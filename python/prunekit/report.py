@@ -1,0 +1,128 @@
+"""What a pruning run did, per layer and in total: a printable table and a JSON file."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: tuple[int, int]         # [out_features, in_features]
+    pattern: str                   # "0.5" or "2:4"
+    sparsity: float                # achieved fraction of pruned weights
+    error: float                   # ||x W_dense^T - x W_pruned^T||^2 summed over calibration tokens
+    seconds: float                 # time the method spent on this layer
+    damping: float | None = None   # SparseGPT: damping that made the Hessian positive definite
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+@dataclass
+class PruneReport:
+    method: str
+    pattern: str
+    layers: list[LayerReport] = field(default_factory=list)
+    blocks: str | None = None      # dotted path of the block list the pipeline walked, if any
+    seconds: float = 0.0           # wall time of the whole run
+
+    @property
+    def sparsity(self) -> float:
+        """Pruned fraction over all pruned layers' weights."""
+        total = sum(layer.numel for layer in self.layers)
+        return sum(layer.sparsity * layer.numel for layer in self.layers) / total if total else 0.0
+
+    @property
+    def error(self) -> float:
+        return sum(layer.error for layer in self.layers)
+
+    @property
+    def prune_seconds(self) -> float:
+        return sum(layer.seconds for layer in self.layers)
+
+    def __getitem__(self, name: str) -> LayerReport:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "pattern": self.pattern, "blocks": self.blocks,
+                "seconds": self.seconds,
+                "totals": {"layers": len(self.layers), "sparsity": self.sparsity, "error": self.error,
+                           "prune_seconds": self.prune_seconds},
+                "layers": [asdict(layer) for layer in self.layers]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PruneReport:
+        layers = [LayerReport(**{**layer, "shape": tuple(layer["shape"])}) for layer in d["layers"]]
+        return cls(d["method"], d["pattern"], layers, d.get("blocks"), d.get("seconds", 0.0))
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        """Writes the report atomically (a temporary file renamed into place)."""
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".report-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self.to_dict(), f, indent=2)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a normal file's mode
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> PruneReport:
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    def __str__(self) -> str:
+        header = ("layer", "shape", "pattern", "sparsity", "error", "damping", "seconds")
+        rows = [(layer.name, "x".join(map(str, layer.shape)), layer.pattern, f"{layer.sparsity:.4f}",
+                 f"{layer.error:.4g}", "-" if layer.damping is None else f"{layer.damping:.3g}",
+                 f"{layer.seconds:.3f}") for layer in self.layers]
+        rows.append(("total", f"{len(self.layers)} layers", self.pattern, f"{self.sparsity:.4f}",
+                     f"{self.error:.4g}", "", f"{self.prune_seconds:.3f}"))
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+        def line(cells) -> str:  # first column left-aligned, numbers right-aligned
+            return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+        rule = "-" * len(line(header))
+        notes = [f"note: {layer.name}: {n}" for layer in self.layers for n in layer.notes]
+        return "\n".join([f"{self.method} pruning, {self.seconds:.1f} s", line(header), rule,
+                          *map(line, rows[:-1]), rule, line(rows[-1]), *notes])
+
+    def plot(self, path: str | os.PathLike) -> None:
+        """A PNG of per-layer sparsity and reconstruction error (needs matplotlib)."""
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            raise ImportError("plotting the report needs matplotlib: pip install 'prunekit[plot]'") from None
+        x = range(len(self.layers))
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 0.25 * len(self.layers)), 6), sharex=True)
+        top.bar(x, [layer.sparsity for layer in self.layers])
+        top.set_ylabel("sparsity")
+        top.set_title(f"per-layer sparsity and reconstruction error\n{self.method}", fontsize=9)
+        bottom.bar(x, [layer.error for layer in self.layers], color="tab:red")
+        bottom.set_ylabel("error")
+        bottom.set_yscale("symlog")
+        bottom.set_xticks(list(x), [layer.name for layer in self.layers], rotation=90, fontsize=6)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)

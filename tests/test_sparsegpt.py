@@ -224,3 +224,17 @@ def test_gpu_matches_reference_fasterprune(rows, cols, spec):
     torch.testing.assert_close(result.weight[same_rows], W_ref[same_rows], rtol=1e-4,
                                atol=1e-4 * float(W_ref.abs().max()))
     assert result.loss_estimate == pytest.approx(float(losses_ref.sum()), rel=1e-3)
+
+
+def test_layers_reading_one_input_share_one_factorization(monkeypatch):
+    """q/k/v share H and its factor, gate/up too: 4 factorizations per Llama block, not 7."""
+    import prunekit as pk
+    from prunekit.pruning import sparsegpt as sg
+    from pipeline_models import calib_ids, tiny_model
+
+    calls = []
+    real = sg.factor_hessian
+    monkeypatch.setattr(sg, "factor_hessian", lambda H, *a, **k: calls.append(H.shape) or real(H, *a, **k))
+    model = tiny_model("llama")
+    report = pk.prune(model, pk.SparseGPT("2:4"), calib_ids(), progress=False)
+    assert len(report.layers) == 14 and len(calls) == 8

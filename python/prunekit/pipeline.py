@@ -206,7 +206,7 @@ def _prune_layers(layers: dict[str, nn.Module], run, n_batches: int, method: Pru
                                  sparsity=result.sparsity, error=0.0, seconds=seconds,
                                  damping=result.damping, notes=list(result.notes))
         for note in result.notes:
-            log.warning("%s: %s", name, note)
+            log.warning(note)
     del stats
 
     errors = {name: torch.zeros((), dtype=torch.float64, device=device) for name in layers}

@@ -21,7 +21,7 @@ class LayerResult:
     pattern: patterns.Pattern
     damping: float | None = None  # SparseGPT: the damping that made H positive definite
     loss_estimate: float | None = None  # SparseGPT: the OBS loss sum the sweep accumulated
-    notes: list[str] = field(default_factory=list)  # recoveries and other things a user should know
+    notes: list[str] = field(default_factory=list)  # recoveries a user should know of; each names the layer
 
     @property
     def sparsity(self) -> float:

@@ -14,6 +14,7 @@ transcription we test against), with these changes:
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -86,7 +87,7 @@ def damped_hinv_factor(H: torch.Tensor, percdamp: float, name: str = "layer"):
                          "singular, indefinite or too ill-conditioned); "
                          f"used damping {used:g}·mean(diag(H)) = {damp:.4g} with a "
                          f"{str(dtype).removeprefix('torch.')} Cholesky")
-            log.warning(notes[-1])
+            log.debug(notes[-1])  # the caller reports notes (prunekit.prune logs them)
         return U, used, notes
     raise RuntimeError(f"{name}: the Hessian is not positive definite even with damping "
                        f"{MAX_PERCDAMP:g}·mean(diag(H)) in float64; it is probably corrupt "
@@ -120,33 +121,51 @@ def _block_size(blocksize: int, pattern: patterns.Pattern) -> int:
     return max(pattern.m, blocksize // pattern.m * pattern.m)
 
 
+@dataclass
+class HessianFactor:
+    """What SparseGPT derives from H alone, shared by layers that read the same input (q/k/v share one,
+    gate/up share one: 4 factorizations per Llama block instead of 7, DESIGN.md §4 saving 2)."""
+
+    U: torch.Tensor      # upper Cholesky factor of (H + λI)^-1, float32
+    dead: torch.Tensor   # bool [in]: inputs that never fired (H_ii = 0); their weights are zeroed
+    percdamp: float      # the relative damping that made H + λI positive definite
+    notes: list[str]     # what the factorization had to do (escalated damping, float64)
+
+
+def factor_hessian(H: torch.Tensor, percdamp: float = 0.01, name: str = "layer") -> HessianFactor:
+    """Dead inputs get H_ii = 1 (as the reference), then the damped, escalating factorization."""
+    if not percdamp >= 0:
+        raise ValueError(f"percdamp: expected a non-negative number, got {percdamp}")
+    Hf = H.detach().to(torch.float32, copy=True)
+    dead = torch.diagonal(Hf) == 0
+    Hf.diagonal()[dead] = 1
+    U, used_damp, notes = damped_hinv_factor(Hf, percdamp, name)
+    return HessianFactor(U=U, dead=dead, percdamp=used_damp, notes=notes)
+
+
 def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity="0.5", n: int = 0, m: int = 0, *,
-                    blocksize: int = 128, percdamp: float = 0.01, name: str = "weight") -> LayerResult:
+                    blocksize: int = 128, percdamp: float = 0.01, name: str = "weight",
+                    factor: HessianFactor | None = None) -> LayerResult:
     """Prune W [out, in] (nn.Linear layout) with SparseGPT given H [in, in] = 2/n XᵀX.
 
     `sparsity` is a fraction or a pattern ("50%", "2:4"); n and m, when given, define an N:M pattern
-    (n kept of every m inputs). Returns a LayerResult: the pruned weight in W's dtype, the kept-mask,
+    (n kept of every m inputs). `factor` (from `factor_hessian(H, percdamp)`) skips the factorization
+    when several layers share H. Returns a LayerResult: the pruned weight in W's dtype, the kept-mask,
     the relative damping used (percdamp, or more when H needed it), the OBS loss estimate and notes.
     """
     pattern = _pattern(sparsity, n, m)
     _validate_inputs(W, H, pattern, name)
-    if not percdamp >= 0:
-        raise ValueError(f"percdamp: expected a non-negative number, got {percdamp}")
     block = _block_size(blocksize, pattern)
+    if factor is None:
+        factor = factor_hessian(H, percdamp, name)
+    U = factor.U
     Wf = W.detach().to(torch.float32, copy=True)
-    Hf = H.detach().to(torch.float32, copy=True)
-    rows, cols = Wf.shape
-    notes: list[str] = []
-
-    dead = torch.diagonal(Hf) == 0
-    n_dead = int(dead.sum())
+    notes = list(factor.notes)
+    n_dead = int(factor.dead.sum())
     if n_dead:
-        Hf.diagonal()[dead] = 1
-        Wf[:, dead] = 0
+        Wf[:, factor.dead] = 0
         notes.append(f"{name}: {n_dead} dead input feature(s) (H_ii = 0); their weights were set to 0")
-    U, used_damp, damp_notes = damped_hinv_factor(Hf, percdamp, name)
-    notes += damp_notes
-    del Hf
+    rows, cols = Wf.shape
 
     keep = torch.empty_like(Wf, dtype=torch.bool)
     losses = torch.zeros(rows, dtype=torch.float32, device=Wf.device)
@@ -164,7 +183,7 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity="0.5", n: int = 0
         losses += loss1
         if i2 < cols:
             Wf[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
-    return LayerResult(weight=Wf.to(W.dtype), mask=keep, pattern=pattern, damping=used_damp,
+    return LayerResult(weight=Wf.to(W.dtype), mask=keep, pattern=pattern, damping=factor.percdamp,
                        loss_estimate=float(losses.sum()), notes=notes)
 
 
@@ -185,8 +204,11 @@ class SparseGPT(PruningMethod):
                              "hessian=True (method.new_stats does)")
         self.check_weight(weight, name)
         H = stats.hessian if stats.hessian.device == weight.device else stats.hessian.to(weight.device)
+        key = ("sparsegpt.factor", self.percdamp, H.device)
+        if key not in stats.derived:
+            stats.derived[key] = factor_hessian(H, self.percdamp, name)
         return sparsegpt_prune(weight, H, self.pattern, blocksize=self.blocksize,
-                               percdamp=self.percdamp, name=name)
+                               percdamp=self.percdamp, name=name, factor=stats.derived[key])
 
     def __repr__(self) -> str:
         return f"SparseGPT({self.pattern}, blocksize={self.blocksize}, percdamp={self.percdamp:g})"

@@ -24,6 +24,9 @@ class LayerStats:
         self.act_norm_sq = torch.zeros(in_features, dtype=torch.float32, device=device) if act_norm else None
         self.hessian = (torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
                         if hessian else None)
+        # What methods derive from the statistics alone (SparseGPT's H^-1 factor). Layers that read
+        # the same input (q/k/v, gate/up) share one LayerStats, so they share this too.
+        self.derived: dict = {}
 
     def add_batch(self, x: torch.Tensor) -> None:
         """x: the layer input, [..., in_features]; its first dimension counts as samples if 3-D."""
@@ -40,8 +43,8 @@ class LayerStats:
         if self.hessian is not None:
             self.hessian = calib_stats.hessian_update(
                 rows.to(self.hessian.device), self.hessian, self.nsamples, batch)
-        total = self.nsamples + batch
-        self.nsamples = total
+        self.nsamples += batch
+        self.derived.clear()
 
     def check_finite(self) -> None:
         for name, t in (("activation norms", self.act_norm_sq), ("Hessian", self.hessian)):

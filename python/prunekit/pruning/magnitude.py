@@ -35,7 +35,7 @@ def _tensor_keep(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 
 def magnitude_mask(W: torch.Tensor, sparsity="0.5", score: str = "l1", granularity: str = "element",
-                   group_score: str = "l2", scope: str = "layer", *, name: str = "weight") -> torch.Tensor:
+                   group_score: str = "l2", scope: str = "layer", *, name: str = "layer") -> torch.Tensor:
     """Keep mask (bool, True = kept) of W [out_features, in_features]; see the module docstring.
     `scope` applies to unstructured element pruning; N:M is always per group."""
     pattern = patterns.parse(sparsity)

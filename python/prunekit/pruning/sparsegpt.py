@@ -144,7 +144,7 @@ def factor_hessian(H: torch.Tensor, percdamp: float = 0.01, name: str = "layer")
 
 
 def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity="0.5", n: int = 0, m: int = 0, *,
-                    blocksize: int = 128, percdamp: float = 0.01, name: str = "weight",
+                    blocksize: int = 128, percdamp: float = 0.01, name: str = "layer",
                     factor: HessianFactor | None = None) -> LayerResult:
     """Prune W [out, in] (nn.Linear layout) with SparseGPT given H [in, in] = 2/n XᵀX.
 

@@ -14,7 +14,7 @@ from .base import LayerResult, PruningMethod
 from .stats import LayerStats
 
 
-def wanda_mask(W: torch.Tensor, act_norm_sq: torch.Tensor, sparsity="0.5", *, name: str = "weight") -> torch.Tensor:
+def wanda_mask(W: torch.Tensor, act_norm_sq: torch.Tensor, sparsity="0.5", *, name: str = "layer") -> torch.Tensor:
     """Keep mask (bool, True = kept) of W [out_features, in_features].
 
     act_norm_sq: [in_features], the running mean of per-feature squared input norms

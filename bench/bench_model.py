@@ -27,11 +27,13 @@ LLAMA7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32
                vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-6)
 
 
-def build_model(blocks: int, seq_len: int, device):
-    """A random LLaMA-7B-shaped model in bf16, built directly on `device` (fast init on the GPU)."""
+def build_model(blocks: int, seq_len: int, device, **overrides):
+    """A random LLaMA-7B-shaped model in bf16, built directly on `device` (fast init on the GPU);
+    `overrides` replace LlamaConfig sizes (small models for tests)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**{**LLAMA7B, "max_position_embeddings": max(seq_len, 2048)}, num_hidden_layers=blocks)
+    config = LlamaConfig(**{**LLAMA7B, "max_position_embeddings": max(seq_len, 2048), **overrides},
+                         num_hidden_layers=blocks)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:

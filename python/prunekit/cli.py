@@ -53,6 +53,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", action="store_true", help="also write report.png (needs matplotlib)")
     p.set_defaults(run=_prune)
 
+    s = commands.add_parser("prune-structured", help="remove attention heads / MLP channels (model shrinks)")
+    s.add_argument("--model", required=True, help="checkpoint directory (save_pretrained layout)")
+    s.add_argument("--heads", type=float, default=0.0, help="fraction of KV head groups to remove per block")
+    s.add_argument("--mlp", type=float, default=0.0, help="fraction of MLP channels to remove per block")
+    s.add_argument("--importance", default="l2", choices=["l1", "l2", "taylor", "activation"])
+    s.add_argument("--round-to", type=int, default=1, help="keep MLP widths a multiple of this (e.g. 64)")
+    s.add_argument("--calib", default=None, help="calibration text file (taylor / activation)")
+    s.add_argument("--n-samples", type=int, default=32, help="calibration windows (default 32)")
+    s.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: model max, ≤2048)")
+    s.add_argument("--out", required=True, help="output directory (written atomically)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    s.set_defaults(run=_prune_structured)
+
     e = commands.add_parser("eval", help="perplexity (causal LMs) and sparsity of a checkpoint")
     e.add_argument("--model", required=True, help="checkpoint directory")
     e.add_argument("--data", required=True, help="UTF-8 text file to evaluate on")
@@ -165,6 +179,35 @@ def _write_atomically(out: str, write) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _prune_structured(args) -> int:
+    from . import data
+    from .pruning.structured import prune_structured
+
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not args.overwrite:
+        raise CLIError(f"--out {out!r} already exists; pass --overwrite to replace it")
+    if args.importance in ("taylor", "activation") and args.calib is None:
+        raise CLIError(f"--importance {args.importance} needs --calib")
+    model, tokenizer = load_checkpoint(args.model)
+    calibration = None
+    if args.calib is not None:
+        calibration = data.from_file(tokenizer, args.calib, args.n_samples,
+                                     _default_seq_len(model, args.seq_len), args.seed)
+    report = prune_structured(model, heads=args.heads, mlp=args.mlp, importance=args.importance,
+                              calibration=calibration, round_to=args.round_to)
+
+    def save(folder: str) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        with open(os.path.join(folder, "structured_report.json"), "w") as f:
+            json.dump(report.to_dict(), f, indent=2)
+
+    _write_atomically(out, save)
+    print(report)
+    print(f"wrote {out}")
+    return 0
 
 
 # -------------------------------------------------------------------------------------- eval

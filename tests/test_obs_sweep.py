@@ -226,3 +226,31 @@ def test_op_accepts_non_contiguous_inputs():
     Wt, Ut = W.T.contiguous().T, U.T.contiguous().T
     assert not Wt.is_contiguous() and not Ut.is_contiguous()
     assert_same(torch.ops.prunekit.obs_sweep(Wt, Ut, keep, 2, 4), ref_sweep(W, U, keep, 2, 4))
+
+
+@pytest.mark.parametrize("n,m", [(0, 0), (2, 4)])
+def test_zero_rows_give_empty_outputs(n, m):
+    U = torch.eye(8)
+    q, err, loss, keep = torch.ops.prunekit.obs_sweep(torch.empty(0, 8), U, torch.empty(0, 8, dtype=torch.bool), n, m)
+    assert q.shape == err.shape == keep.shape == (0, 8) and loss.shape == (0,)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("n,m", [(0, 0), (2, 4)])
+def test_gpu_zero_rows_give_empty_outputs(backend, n, m, monkeypatch):
+    # an empty CUDA tensor has data_ptr() == 0: the kernel must not take it for a missing pointer
+    monkeypatch.setenv("PRUNEKIT_SWEEP_BACKEND", backend)
+    keep = torch.empty(0, 8, dtype=torch.bool, device="cuda")
+    q, err, loss, keep = torch.ops.prunekit.obs_sweep(torch.empty(0, 8, device="cuda"), torch.eye(8, device="cuda"),
+                                                      keep, n, m)
+    assert q.shape == err.shape == keep.shape == (0, 8) and loss.shape == (0,)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_ties_prune_lower_index_first(backend, monkeypatch):
+    monkeypatch.setenv("PRUNEKIT_SWEEP_BACKEND", backend)
+    W, U = torch.ones(37, 64), torch.eye(64)  # every group of every row is a four-way tie
+    _, _, _, keep = torch.ops.prunekit.obs_sweep(W.cuda(), U.cuda(), torch.zeros(37, 64, dtype=torch.bool).cuda(), 2, 4)
+    assert torch.equal(keep.cpu(), torch.tensor([[False, False, True, True] * 16] * 37))

@@ -138,3 +138,56 @@ def test_triton_pack_on_cuda_matches_cpu():
     vc, mc = pack_ops.pack24(W.cuda())
     assert torch.equal(vc.cpu().view(torch.int16), v.view(torch.int16)) and torch.equal(mc.cpu(), m)
     assert torch.equal(pack_ops.unpack24(vc, mc).cpu(), W)
+
+
+def test_kernel_declines_empty_weights():
+    # N = 0 or K = 0 would reach the kernel's argument check and raise; the dense route handles them
+    from prunekit import _native
+    from prunekit.ops import sparse24_dispatch as dispatch
+
+    mod = _native.cuda_module()
+    if mod is None or not hasattr(mod, "sparse24_decode_gemm"):
+        pytest.skip("this build has no CUDA module")
+    bf16 = torch.bfloat16
+    assert not dispatch.kernel_supports(torch.empty(1, 64, dtype=bf16), torch.empty(0, 32, dtype=bf16))
+    assert not dispatch.kernel_supports(torch.empty(1, 0, dtype=bf16), torch.empty(4, 0, dtype=bf16))
+
+
+@pytest.mark.gpu
+def test_kernel_on_views_at_odd_offsets():
+    # slices of larger buffers: data_ptr() is then not 16-byte (values), 8-byte (meta) or 4-byte (x) aligned
+    from prunekit.ops import sparse24_dispatch as dispatch
+
+    gen = torch.Generator().manual_seed(4)
+    n, k, m = 40, 128, 5
+    W = random_24_weight(n, k, gen, torch.bfloat16)
+    values, meta = pack_ops.pack24(W)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    vbuf = torch.zeros(values.numel() + 1, dtype=values.dtype, device="cuda")
+    mbuf = torch.zeros(meta.numel() + 1, dtype=meta.dtype, device="cuda")
+    xbuf = torch.zeros(x.numel() + 1, dtype=x.dtype, device="cuda")
+    v_view = vbuf[1:].view(values.shape).copy_(values)
+    m_view = mbuf[1:].view(meta.shape).copy_(meta)
+    x_view = xbuf[1:].view(x.shape).copy_(x)
+    y = dispatch.mma_sp_linear(x_view, v_view, m_view, None, splits=2)
+    expected = x.float() @ W.float().t()
+    assert float((y.float().cpu() - expected).abs().max() / expected.abs().max()) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_kernel_on_a_device_that_is_not_current(monkeypatch):
+    # custom ops get no device guard: a layer on cuda:1 is called while cuda:0 is current
+    monkeypatch.setenv("PRUNEKIT_SPARSE24_KERNEL", "mma")
+    from prunekit.ops import sparse24_linear  # noqa: F401  (registers the op)
+
+    gen = torch.Generator().manual_seed(5)
+    W = random_24_weight(64, 256, gen, torch.bfloat16)
+    values, meta = pack_ops.pack24(W)
+    x = torch.randn(3, 256, generator=gen).to(torch.bfloat16)
+    with torch.cuda.device(0):
+        y = torch.ops.prunekit.sparse24_linear(x.to("cuda:1"), values.to("cuda:1"), meta.to("cuda:1"), None)
+        torch.cuda.synchronize(1)
+    assert y.device == torch.device("cuda:1")
+    expected = x.float() @ W.float().t()
+    assert float((y.float().cpu() - expected).abs().max() / expected.abs().max()) < 1e-2

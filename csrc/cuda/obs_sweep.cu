@@ -137,8 +137,9 @@ Status obs_sweep(const float* w, const float* hinv, const std::uint8_t* keep, fl
                  cudaStream_t stream, const char** cuda_error) {
   if (rows < 0 || B < 1 || B > kObsSweepMaxBlock || m < 0) return Status::kInvalidArgument;
   if (m > 0 && (n < 0 || n > m || B % m != 0)) return Status::kInvalidArgument;
-  if (!w || !hinv || !q || !err || !loss || !keep_out || (m == 0 && !keep)) return Status::kInvalidArgument;
+  // Before the pointer checks: an empty [0, B] tensor from PyTorch has data_ptr() == 0.
   if (rows == 0) return Status::kOk;
+  if (!w || !hinv || !q || !err || !loss || !keep_out || (m == 0 && !keep)) return Status::kInvalidArgument;
 
   const std::size_t smem = static_cast<std::size_t>(B) * B * sizeof(float);
   cudaError_t status = cudaSuccess;

@@ -227,7 +227,8 @@ Status sparse24_decode_gemm(const void* x, const void* values, const std::uint8_
   } else {
     launch<false>(x, values, meta, bias, y, workspace, m, n, k, splits, chunks_per_split, stream);
   }
-  return cudaGetLastError() == cudaSuccess ? Status::kOk : Status::kCudaError;
+  // Peek, not get: the binding reads (and clears) the error to name it in its message.
+  return cudaPeekAtLastError() == cudaSuccess ? Status::kOk : Status::kCudaError;
 }
 
 }  // namespace prunekit

@@ -16,6 +16,7 @@ constexpr int kSparse24RowsPerBlock = 64;
 // x [M, K], values [N, K/2], bias [N] or null, y [M, N] (dtype: kBFloat16 or kFloat16);
 // workspace: float32 [splits, M, N]. Alignment: values 16 B, meta 8 B, x 4 B.
 // Split s reduces K chunks [s * chunks_per_split, (s + 1) * chunks_per_split).
+// On kCudaError the launch error is left pending: read (and clear) it with cudaGetLastError().
 Status sparse24_decode_gemm(const void* x, const void* values, const std::uint8_t* meta, const void* bias, void* y,
                             float* workspace, std::int64_t M, std::int64_t N, std::int64_t K, int splits,
                             int chunks_per_split, DType dtype, cudaStream_t stream);

@@ -47,8 +47,8 @@ def kernel_supports(x2d: torch.Tensor, values: torch.Tensor) -> bool:
     if mod is None or not hasattr(mod, "sparse24_decode_gemm"):
         return False
     M, K = x2d.shape
-    return (values.dtype in _BF16_FP16 and 1 <= M <= mod.SPARSE24_MAX_TOKENS and K % mod.SPARSE24_CHUNK_K == 0
-            and _capability(x2d.device) >= (8, 0))
+    return (values.dtype in _BF16_FP16 and 1 <= M <= mod.SPARSE24_MAX_TOKENS and values.shape[0] >= 1
+            and K >= mod.SPARSE24_CHUNK_K and K % mod.SPARSE24_CHUNK_K == 0 and _capability(x2d.device) >= (8, 0))
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,10 +87,13 @@ def mma_sp_linear(x2d: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
     splits = math.ceil(chunks / per_split)
     workspace = torch.empty(splits, M, N, dtype=torch.float32, device=x2d.device)
     y = torch.empty(M, N, dtype=x2d.dtype, device=x2d.device)
-    mod.sparse24_decode_gemm(x2d.data_ptr(), values.data_ptr(), meta.data_ptr(),
-                             0 if bias is None else bias.data_ptr(), y.data_ptr(), workspace.data_ptr(),
-                             M, N, K, splits, per_split, _native.dtype_code(x2d, "x"),
-                             _native.stream_of(x2d))
+    # The launch goes to the current device: make it x's (custom ops get no device guard; a model spread
+    # over several GPUs calls this with another device current).
+    with torch.cuda.device(x2d.device):
+        mod.sparse24_decode_gemm(x2d.data_ptr(), values.data_ptr(), meta.data_ptr(),
+                                 0 if bias is None else bias.data_ptr(), y.data_ptr(), workspace.data_ptr(),
+                                 M, N, K, splits, per_split, _native.dtype_code(x2d, "x"),
+                                 _native.stream_of(x2d))
     return y
 
 
@@ -154,7 +157,8 @@ def linear_cuda(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias:
         if choice is None:
             if torch.cuda.is_current_stream_capturing():  # cannot time inside a graph capture
                 return dense_linear(x, values, meta, bias)
-            choice = _choices[key] = _measure(key, x2d, values, meta, bias)
+            with torch.cuda.device(x.device):  # the timing events record on the current device
+                choice = _choices[key] = _measure(key, x2d, values, meta, bias)
         if choice == "dense":
             return dense_linear(x, values, meta, bias)
     return mma_sp_linear(x2d, values, meta, bias).reshape(*x.shape[:-1], N)

@@ -34,6 +34,16 @@ _EXPORTS = {
     "load": ("io", "load"),
     "prune_structured": ("pruning.structured", "prune_structured"),
     "prune_filters": ("pruning.filters", "prune_filters"),
+    "Allocation": ("pruning.allocation", "Allocation"),
+    "OWL": ("pruning.allocation", "OWL"),
+    "LayerSparsity": ("pruning.allocation", "LayerSparsity"),
+    "MaskedTraining": ("train.masked", "MaskedTraining"),
+    "Schedule": ("train.schedule", "Schedule"),
+    "cubic_schedule": ("train.schedule", "cubic_schedule"),
+    "linear_schedule": ("train.schedule", "linear_schedule"),
+    "constant_schedule": ("train.schedule", "constant_schedule"),
+    "distillation_loss": ("train.distill", "distillation_loss"),
+    "recover": ("train.distill", "recover"),
 }
 _SUBMODULES = {"data", "eval", "ops", "ref", "nn", "pruning", "io", "cli", "patterns", "calibrate"}
 

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import calibrate, data
+from .pruning.allocation import Context, as_allocation
 from .pruning.base import LayerResult, PruningMethod
 from .report import LayerReport, PruneReport
 
@@ -39,7 +40,7 @@ def make_method(name: str, sparsity) -> PruningMethod:
 
 def prune(model: nn.Module, method: PruningMethod, calibration, *, include=None, exclude=None,
           offload: bool = False, device=None, blocks: str | None = None, seed: int = 0,
-          progress: bool = True, batch_size: int = 1) -> PruneReport:
+          progress: bool = True, batch_size: int = 1, allocation=None) -> PruneReport:
     """Prunes `model` in place with `method` and returns a per-layer report.
 
     calibration: token ids [n_samples, seq_len] (see prunekit.data), or a list of batches (tensors or
@@ -50,12 +51,15 @@ def prune(model: nn.Module, method: PruningMethod, calibration, *, include=None,
     offload: keep the model on its own device (CPU) and bring only the block being pruned to `device`.
     blocks: dotted name of the block list (e.g. "model.layers") when it cannot be discovered.
     seed: seeds torch's RNG for the run, so a given seed gives the same result.
+    allocation: per-layer sparsity: prunekit.OWL(), or a dict of layer-name pattern -> sparsity
+        (see prunekit.pruning.allocation); the method's sparsity is the target.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(method, PruningMethod):
         raise TypeError(f"method: expected a prunekit pruning method (e.g. prunekit.Wanda(0.5)), "
                         f"got {type(method).__name__}")
+    allocation = as_allocation(allocation)
     start = time.perf_counter()
     home = calibrate.model_device(model)
     device = torch.device(device) if device is not None else home
@@ -68,6 +72,8 @@ def prune(model: nn.Module, method: PruningMethod, calibration, *, include=None,
         raise calibrate.no_layers_error(model, include, exclude)
     for name, module in targets.items():  # fail before any forward when a width does not fit N:M
         method.pattern.check_width(calibrate.in_features(module), f"{name}.weight")
+    if allocation is not None:
+        allocation.check(method, targets)
     log.info("pruning %d layers with %r on %s (blocks: %s, %d calibration batches)",
              len(targets), method, device, block_path or "none", len(batches))
 
@@ -85,6 +91,9 @@ def prune(model: nn.Module, method: PruningMethod, calibration, *, include=None,
         elif device != home:
             model.to(device)
         with torch.no_grad(), _seeded(seed, device):
+            if allocation is not None:
+                method = allocation.apply(method, targets, Context(model, batches, device, found,
+                                                                   home if offload else None, progress))
             done = set()
             if block_list is not None:
                 done = _prune_blocks(model, block_path, block_list, targets, batches, method, device,

@@ -6,6 +6,7 @@ block traversal, devices and the report; methods own the math.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +52,12 @@ class PruningMethod:
 
     def prune_layer(self, weight: torch.Tensor, stats: LayerStats | None, name: str = "layer") -> LayerResult:
         raise NotImplementedError
+
+    def with_pattern(self, sparsity) -> PruningMethod:
+        """A copy of this method that prunes to another pattern (per-layer sparsity allocation)."""
+        clone = copy.copy(self)
+        clone.pattern = patterns.parse(sparsity)
+        return clone
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.pattern})"

@@ -1,0 +1,1 @@
+"""Training with sparsity: gradual pruning schedules, masked training, distillation for recovery."""

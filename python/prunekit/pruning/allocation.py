@@ -8,9 +8,10 @@
 - `OWL()` (Yin et al. 2024, "Outlier Weighed Layerwise sparsity", luuyin/OWL): blocks whose Wanda
   scores |W|·||x|| hold more outliers are pruned less. Per block, the outlier ratio D is the fraction
   of the scores of all its targeted layers that exceed M × their mean (M = `threshold`, 5 by default).
-  The ratios are scaled to [0, 2λ], centred, and block i gets sparsity target − (D̃_i − mean D̃): so
-  sparsities lie within target ± λ (λ = `lam`, 0.08 by default) and their mean over blocks is the
-  target. Blocks are equal-sized in a transformer, so the model's overall sparsity is the target too.
+  As in the reference code, the ratios are scaled to D̃ in [0, 2λ] and block i gets sparsity
+  target − (D̃_i − mean D̃): the sparsities span 2λ (λ = `lam`, 0.08 by default; target ± λ when the
+  ratios are symmetric, as the paper states) and their mean over blocks is exactly the target. Blocks
+  are equal-sized in a transformer, so the model's overall sparsity is the target too.
 
 Cost of OWL: as in the reference, the outlier ratios come from a first pass over the *dense* model
 before anything is pruned, block by block (the inputs of block i+1 are the dense outputs of block i).
@@ -163,7 +164,7 @@ def block_outlier_ratio(scores: Callable[[], Iterable[torch.Tensor]], threshold:
 
 
 def owl_sparsities(ratios: Sequence[float], target: float, lam: float = 0.08) -> list[float]:
-    """Block sparsities from outlier ratios: within target ± lam, mean exactly the target, the most
+    """Block sparsities from outlier ratios: spread over 2·lam, mean exactly the target, the most
     outlier-rich block pruned least. Equal ratios give every block the target."""
     target = _validate.sparsity(target, "target sparsity")
     r = torch.tensor(list(ratios), dtype=torch.float64)
@@ -185,7 +186,7 @@ def _wanda_scores(module: nn.Module, stats: LayerStats) -> torch.Tensor:
 
 class OWL(Allocation):
     """Outlier Weighed Layerwise sparsity; see the module docstring. `threshold` is the paper's M,
-    `lam` its λ (the largest deviation of a block's sparsity from the target)."""
+    `lam` its λ (half the spread between the most and the least pruned block)."""
 
     name = "owl"
 

@@ -138,7 +138,8 @@ class LayerSparsity(Allocation):
                 shown = ", ".join(list(layers)[:6]) + (", ..." if len(layers) > 6 else "")
                 raise ValueError(f"allocation[{key!r}] matches none of the layers being pruned ({shown})")
 
-    def sparsities(self, target: float, layers: dict[str, nn.Module], context: Context | None = None) -> dict[str, float]:
+    def sparsities(self, target: float, layers: dict[str, nn.Module],
+                   context: Context | None = None) -> dict[str, float]:
         chosen = {}
         for name in layers:
             rule = next((key for key in self.rules if calibrate._matches(name, [key])), None)

@@ -1,7 +1,8 @@
 """2:4 linear vs dense: `python bench/bench_linear.py [--shapes ..] [--M ..] [--out DIR]` (needs a CUDA GPU).
 
 Providers: dense F.linear, torch's to_sparse_semi_structured (where it runs), prunekit SparseLinear
-(timed dispatch, `prunekit`) and the mma.sp kernel forced (`prunekit_mma`, M <= 64). Shapes are
+(timed dispatch, `prunekit`), the mma.sp kernel forced (`prunekit_mma`, M <= 64) and the Hopper CUTLASS
+sm90 GEMM forced (`prunekit_sm90`, M > 64 on compute capability 9.x). Shapes are
 out x in features. Decode sizes (M <= 64) rotate through enough weight copies to exceed 3x the L2,
 so the weights stream from HBM as in a real model. Writes DIR/bench_linear.json and .md (bench/common.py).
 """
@@ -21,7 +22,8 @@ import common  # noqa: E402
 
 SHAPES = ["4096x4096", "11008x4096", "4096x11008", "14336x4096"]
 MS = [1, 16, 64, 256, 1024, 4096, 16384]
-PROVIDERS = ["dense", "torch_24", "prunekit", "prunekit_mma"]
+PROVIDERS = ["dense", "torch_24", "prunekit", "prunekit_mma", "prunekit_sm90"]
+FORCED = {"prunekit_mma": "mma", "prunekit_sm90": "sm90"}
 
 
 def parse_args(argv=None):
@@ -75,6 +77,11 @@ def provider_calls(provider, weights, x, bias):
         modules.append(SparseLinear.from_dense(lin).requires_grad_(False))
     if provider == "prunekit_mma" and x.shape[0] > 64:
         return None, "mma.sp kernel is for M <= 64"
+    if provider == "prunekit_sm90":
+        from prunekit.ops import sparse24_dispatch, sparse24_sm90
+        values = modules[0].values
+        if not sparse24_sm90.supports(x, values, sparse24_dispatch._bucket(x.shape[0])):
+            return None, f"sm90 GEMM not available here ({sparse24_sm90.compiled()[1] or 'needs cc 9.x and M > 64'})"
     return [lambda m=m: m(x) for m in modules], None
 
 
@@ -87,7 +94,7 @@ def bench_case(run: dict, shape: str, M: int, dtype, device, args) -> list[dict]
     rows = []
     reference = F.linear(x.float(), weights[0].float())
     for provider in args.providers:
-        os.environ["PRUNEKIT_SPARSE24_KERNEL"] = "mma" if provider == "prunekit_mma" else "auto"
+        os.environ["PRUNEKIT_SPARSE24_KERNEL"] = FORCED.get(provider, "auto")
         calls, why = provider_calls(provider, weights, x, bias)
         if calls is None:
             print(f"skip {provider} {shape} M={M}: {why}", file=sys.stderr)

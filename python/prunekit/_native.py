@@ -83,6 +83,9 @@ def backends() -> dict[str, dict[str, object]]:
         except RuntimeError as exc:
             cuda_info["devices"] = 0
             cuda_info["reason"] = str(exc)
+        if hasattr(cuda, "sparse24_sm90_compiled"):  # the Hopper 2:4 prefill GEMM needs CUTLASS at build time
+            cuda_info["sparse24_sm90"] = {"available": bool(cuda.sparse24_sm90_compiled()),
+                                          "reason": cuda.sparse24_sm90_reason()}
     report["cuda"] = cuda_info
     ok, why = triton_available()
     report["triton"] = {"available": ok, "reason": why}

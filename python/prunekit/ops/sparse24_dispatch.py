@@ -1,11 +1,13 @@
-"""CUDA route of `prunekit::sparse24_linear`: the mma.sp decode kernel or unpack + dense F.linear.
+"""CUDA route of `prunekit::sparse24_linear`: the mma.sp decode kernel (M <= 64), the Hopper CUTLASS
+sm90 prefill GEMM (M bucket >= 128, compute capability 9.x; ops/sparse24_sm90.py), or unpack + dense
+F.linear.
 
-Choice per (device, N, K, dtype, bias, M bucket), by timing both once per process on the layer's own
-weight (cached), so the sparse layer is never slower than the dense route on that shape. The first
-measurement also compares the two outputs: if the kernel disagrees with the dense route, it is never
-used for that key and an error is logged. PRUNEKIT_SPARSE24_KERNEL=mma|dense forces one route
-(tests, benchmarks); `auto` (default) measures. The metadata is trusted on this path (validated when
-the weight was packed or loaded), so a call never synchronizes with the host.
+Choice per (device, N, K, dtype, bias, M bucket), by timing the candidates once per process on the
+layer's own weight (cached), so the sparse layer is never slower than the dense route on that shape.
+The first measurement also compares each kernel's output with the dense route: a kernel that disagrees
+is never used for that key and an error is logged. PRUNEKIT_SPARSE24_KERNEL=mma|sm90|dense forces one
+route where it applies (tests, benchmarks); `auto` (default) measures. The metadata is trusted on this
+path (validated when the weight was packed or loaded), so a call never synchronizes with the host.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 
 from .. import _native
 from ..kernels import pack24 as unpack_kernel
+from . import sparse24_sm90
 
 log = logging.getLogger("prunekit")
 
@@ -28,17 +31,18 @@ _choices: dict[tuple, str] = {}
 
 def clear_cache() -> None:
     _choices.clear()
+    sparse24_sm90.clear_cache()
 
 
 def chosen_routes() -> dict[tuple, str]:
-    """What the timing picked so far: {(device, N, K, dtype, bias, M bucket): 'mma' | 'dense'}."""
+    """What the timing picked so far: {(device, N, K, dtype, bias, M bucket): 'mma' | 'sm90' | 'dense'}."""
     return dict(_choices)
 
 
 def _mode() -> str:
     mode = os.environ.get("PRUNEKIT_SPARSE24_KERNEL", "auto")
-    if mode not in ("auto", "mma", "dense"):
-        raise ValueError(f"PRUNEKIT_SPARSE24_KERNEL must be auto, mma or dense, got {mode!r}")
+    if mode not in ("auto", "mma", "sm90", "dense"):
+        raise ValueError(f"PRUNEKIT_SPARSE24_KERNEL must be auto, mma, sm90 or dense, got {mode!r}")
     return mode
 
 
@@ -121,24 +125,45 @@ def _time_us(fn, reps: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _measure(key, x2d, values, meta, bias) -> str:
+_KERNELS = {"mma": mma_sp_linear, "sm90": sparse24_sm90.linear}
+
+
+def _candidates(x2d: torch.Tensor, values: torch.Tensor) -> list[str]:
+    """The kernels that can serve this call (dense always can)."""
+    found = []
+    if kernel_supports(x2d, values):
+        found.append("mma")
+    if sparse24_sm90.supports(x2d, values, _bucket(x2d.shape[0])):
+        found.append("sm90")
+    return found
+
+
+def _agrees(key, name: str, probe, values, meta, bias, reference) -> bool:
+    try:
+        got = _KERNELS[name](probe, values, meta, bias).float()
+    except (RuntimeError, ValueError) as exc:
+        log.error("sparse24_linear: the %s kernel failed on %s (%s); not using it", name, key, exc)
+        return False
+    err = float((got - reference).norm() / reference.norm().clamp_min(1e-6))
+    if not err < 2e-2:
+        log.error("sparse24_linear: the %s kernel disagrees with the dense route on %s (rel err %.3g); "
+                  "not using it. Please report this.", name, key, err)
+        return False
+    return True
+
+
+def _measure(key, x2d, values, meta, bias, candidates) -> str:
     M = key[-1]
     probe = torch.randn(M, x2d.shape[1], device=x2d.device, dtype=x2d.dtype)
     reference = dense_linear(probe, values, meta, bias).float()
-    try:
-        got = mma_sp_linear(probe, values, meta, bias).float()
-    except (RuntimeError, ValueError) as exc:
-        log.error("sparse24_linear: the mma.sp kernel failed on %s (%s); using the dense route", key, exc)
-        return "dense"
-    err = float((got - reference).norm() / reference.norm().clamp_min(1e-6))
-    if not err < 2e-2:
-        log.error("sparse24_linear: the mma.sp kernel disagrees with the dense route on %s (rel err %.3g); "
-                  "using the dense route. Please report this.", key, err)
-        return "dense"
-    t_mma = _time_us(lambda: mma_sp_linear(probe, values, meta, bias))
-    t_dense = _time_us(lambda: dense_linear(probe, values, meta, bias))
-    choice = "mma" if t_mma < t_dense else "dense"
-    log.info("sparse24_linear %s: mma.sp %.1f us, dense %.1f us -> %s", key, t_mma, t_dense, choice)
+    times = {"dense": _time_us(lambda: dense_linear(probe, values, meta, bias))}
+    for name in candidates:
+        if _agrees(key, name, probe, values, meta, bias, reference):
+            times[name] = _time_us(lambda: _KERNELS[name](probe, values, meta, bias))
+    choice = min(times, key=times.get)
+    if choice != "sm90":
+        sparse24_sm90.forget(values)  # converted only to be measured
+    log.info("sparse24_linear %s: %s -> %s", key, ", ".join(f"{k} {t:.1f} us" for k, t in times.items()), choice)
     return choice
 
 
@@ -146,19 +171,27 @@ def linear_cuda(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias:
     N, K = values.shape[0], 2 * values.shape[1]
     x2d = x.reshape(-1, K)
     mode = _mode()
-    if mode == "dense" or x2d.shape[0] == 0 or not kernel_supports(x2d, values):
-        if mode == "mma" and x2d.shape[0] and not kernel_supports(x2d, values):
-            log.debug("sparse24_linear: mma.sp kernel does not support M=%d K=%d %s; dense route", x2d.shape[0], K,
-                      values.dtype)
+    candidates = [] if mode == "dense" or x2d.shape[0] == 0 else _candidates(x2d, values)
+    if mode in ("mma", "sm90"):
+        if mode not in candidates:
+            if x2d.shape[0]:
+                log.debug("sparse24_linear: the %s kernel does not support M=%d N=%d K=%d %s here; dense route", mode,
+                          x2d.shape[0], N, K, values.dtype)
+            return dense_linear(x, values, meta, bias)
+        choice = mode
+    elif not candidates:
         return dense_linear(x, values, meta, bias)
-    if mode == "auto":
+    else:
         key = (str(x.device), N, K, values.dtype, bias is not None, _bucket(x2d.shape[0]))
         choice = _choices.get(key)
         if choice is None:
             if torch.cuda.is_current_stream_capturing():  # cannot time inside a graph capture
                 return dense_linear(x, values, meta, bias)
             with torch.cuda.device(x.device):  # the timing events record on the current device
-                choice = _choices[key] = _measure(key, x2d, values, meta, bias)
-        if choice == "dense":
+                choice = _choices[key] = _measure(key, x2d, values, meta, bias, candidates)
+        if choice not in candidates:
             return dense_linear(x, values, meta, bias)
-    return mma_sp_linear(x2d, values, meta, bias).reshape(*x.shape[:-1], N)
+    if (choice == "sm90" and torch.cuda.is_current_stream_capturing()
+            and not sparse24_sm90.is_prepared(values, meta)):
+        return dense_linear(x, values, meta, bias)  # the weight conversion cannot run inside a graph capture
+    return _KERNELS[choice](x2d, values, meta, bias).reshape(*x.shape[:-1], N)

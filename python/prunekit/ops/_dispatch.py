@@ -1,6 +1,7 @@
 """Shared plumbing for the custom ops: which fast path serves a tensor, and what to say when none does."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -34,3 +35,13 @@ def triton_runs_on(t: torch.Tensor) -> bool:
 
 def contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def device_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count

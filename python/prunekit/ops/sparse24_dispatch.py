@@ -11,7 +11,6 @@ path (validated when the weight was packed or loaded), so a call never synchroni
 """
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 
 from .. import _native
 from ..kernels import pack24 as unpack_kernel
-from . import sparse24_sm90
+from . import _dispatch, sparse24_sm90
 
 log = logging.getLogger("prunekit")
 
@@ -52,24 +51,15 @@ def kernel_supports(x2d: torch.Tensor, values: torch.Tensor) -> bool:
         return False
     M, K = x2d.shape
     return (values.dtype in _BF16_FP16 and 1 <= M <= mod.SPARSE24_MAX_TOKENS and values.shape[0] >= 1
-            and K >= mod.SPARSE24_CHUNK_K and K % mod.SPARSE24_CHUNK_K == 0 and _capability(x2d.device) >= (8, 0))
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+            and K >= mod.SPARSE24_CHUNK_K and K % mod.SPARSE24_CHUNK_K == 0
+            and _dispatch.device_capability(x2d.device) >= (8, 0))
 
 
 def _splits(N: int, K: int, device: torch.device, mod) -> int:
     """Enough K splits that about two blocks per SM are in flight."""
     row_blocks = math.ceil(N / mod.SPARSE24_ROWS_PER_BLOCK)
     chunks = K // mod.SPARSE24_CHUNK_K
-    return max(1, min(chunks, math.ceil(2 * _sm_count(device) / row_blocks)))
+    return max(1, min(chunks, math.ceil(2 * _dispatch.sm_count(device) / row_blocks)))
 
 
 def mma_sp_linear(x2d: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,

@@ -16,6 +16,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import _native
 from ..kernels import pack24 as unpack_kernel
+from . import _dispatch
 
 MIN_TOKENS = 128  # below this, the decode kernel or dense wins (DESIGN.md §6); the dispatcher times it
 _BF16_FP16 = (torch.bfloat16, torch.float16)
@@ -45,22 +46,12 @@ def compiled() -> tuple[bool, str]:
     return bool(mod.sparse24_sm90_compiled()), mod.sparse24_sm90_reason()
 
 
-@functools.lru_cache(maxsize=None)
-def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def supports(x2d: torch.Tensor, values: torch.Tensor, bucket: int) -> bool:
     """Shape/dtype/device rules of the kernel, plus the M >= 128 bucket rule of the dispatcher."""
     N, K = values.shape[0], 2 * values.shape[1]
     if bucket < MIN_TOKENS or values.dtype not in _BF16_FP16 or K % 16 or N % 8 or not x2d.is_cuda:
         return False
-    return compiled()[0] and _capability(x2d.device)[0] == 9 and _cutlass_accepts(N, K, values.dtype)
+    return compiled()[0] and _dispatch.device_capability(x2d.device)[0] == 9 and _cutlass_accepts(N, K, values.dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -112,7 +103,7 @@ def prepared(values: torch.Tensor, meta: torch.Tensor) -> Sm90Weight:
 
 @functools.lru_cache(maxsize=1024)
 def _workspace_bytes(device: torch.device, M: int, N: int, K: int, code: int) -> int:
-    return _native.require_cuda_module().sparse24_sm90_workspace_bytes(M, N, K, code, _sm_count(device))
+    return _native.require_cuda_module().sparse24_sm90_workspace_bytes(M, N, K, code, _dispatch.sm_count(device))
 
 
 def linear(x2d: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -137,5 +128,5 @@ def linear(x2d: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: to
         mod.sparse24_sm90_gemm(x2d.data_ptr(), weight.compressed.data_ptr(), weight.metadata.data_ptr(),
                                0 if bias is None else bias.data_ptr(), y.data_ptr(),
                                0 if workspace is None else workspace.data_ptr(), workspace_bytes, M, N, K, code,
-                               _sm_count(device), _native.stream_of(x2d))
+                               _dispatch.sm_count(device), _native.stream_of(x2d))
     return y

@@ -26,6 +26,9 @@ _EXPORTS = {
     "wanda_mask": ("pruning.wanda", "wanda_mask"),
     "SparseGPT": ("pruning.sparsegpt", "SparseGPT"),
     "sparsegpt_prune": ("pruning.sparsegpt", "sparsegpt_prune"),
+    "QuantSpec": ("quant.quantizer", "QuantSpec"),
+    "sparsegpt_quant_prune": ("quant.sparse_quant", "sparsegpt_quant_prune"),
+    "quantize_rtn": ("quant.quantizer", "quantize_rtn"),
     "prune": ("pipeline", "prune"),  # not prune.py: a submodule named like the function would shadow it
     "PruneReport": ("report", "PruneReport"),
     "SparseLinear": ("nn.sparse_linear", "SparseLinear"),

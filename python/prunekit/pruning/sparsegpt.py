@@ -121,6 +121,14 @@ def _block_size(blocksize: int, pattern: patterns.Pattern) -> int:
     return max(pattern.m, blocksize // pattern.m * pattern.m)
 
 
+def block_keep_mask(W1: torch.Tensor, Hinv1: torch.Tensor, pattern: patterns.Pattern) -> torch.Tensor:
+    """A block's unstructured kept-mask, chosen up front from the OBS scores w² / [H^-1]_ii²; all False
+    for N:M, whose groups are chosen during the sweep from the updated weights."""
+    if pattern.is_nm:
+        return torch.zeros_like(W1, dtype=torch.bool)
+    return tensor_keep_mask(W1 ** 2 / torch.diag(Hinv1).reshape(1, -1) ** 2, pattern.sparsity)
+
+
 @dataclass
 class HessianFactor:
     """What SparseGPT derives from H alone, shared by layers that read the same input (q/k/v share one,
@@ -173,10 +181,7 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity="0.5", n: int = 0
         i2 = min(i1 + block, cols)
         W1 = Wf[:, i1:i2].contiguous()
         Hinv1 = U[i1:i2, i1:i2].contiguous()
-        if pattern.is_nm:
-            keep1 = torch.zeros_like(W1, dtype=torch.bool)
-        else:
-            keep1 = tensor_keep_mask(W1 ** 2 / torch.diag(Hinv1).reshape(1, -1) ** 2, pattern.sparsity)
+        keep1 = block_keep_mask(W1, Hinv1, pattern)
         Q1, Err1, loss1, keep1 = torch.ops.prunekit.obs_sweep(W1, Hinv1, keep1, pattern.n, pattern.m)
         Wf[:, i1:i2] = Q1
         keep[:, i1:i2] = keep1
@@ -188,15 +193,21 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity="0.5", n: int = 0
 
 
 class SparseGPT(PruningMethod):
-    """SparseGPT as a pipeline method: needs each layer's Hessian, prunes with `sparsegpt_prune`."""
+    """SparseGPT as a pipeline method: needs each layer's Hessian, prunes with `sparsegpt_prune`, or,
+    given `quant` (a prunekit.QuantSpec), prunes and quantizes jointly with `sparsegpt_quant_prune`."""
 
     name = "sparsegpt"
     needs_hessian = True
 
-    def __init__(self, sparsity="0.5", blocksize: int = 128, percdamp: float = 0.01):
+    def __init__(self, sparsity="0.5", blocksize: int = 128, percdamp: float = 0.01, quant=None):
         super().__init__(sparsity)
         self.blocksize = blocksize
         self.percdamp = percdamp
+        if quant is not None:
+            from ..quant.quantizer import QuantSpec
+            if not isinstance(quant, QuantSpec):
+                raise TypeError(f"SparseGPT quant: expected a prunekit.QuantSpec or None, got {quant!r}")
+        self.quant = quant
 
     def prune_layer(self, weight: torch.Tensor, stats: LayerStats | None, name: str = "layer") -> LayerResult:
         if stats is None or stats.hessian is None:
@@ -207,8 +218,15 @@ class SparseGPT(PruningMethod):
         key = ("sparsegpt.factor", self.percdamp, H.device)
         if key not in stats.derived:
             stats.derived[key] = factor_hessian(H, self.percdamp, name)
+        if self.quant is not None:
+            from ..quant.sparse_quant import sparsegpt_quant_prune
+            return sparsegpt_quant_prune(weight, H, self.pattern, bits=self.quant.bits,
+                                         groupsize=self.quant.groupsize, sym=self.quant.sym,
+                                         blocksize=self.blocksize, percdamp=self.percdamp, name=name,
+                                         factor=stats.derived[key])
         return sparsegpt_prune(weight, H, self.pattern, blocksize=self.blocksize,
                                percdamp=self.percdamp, name=name, factor=stats.derived[key])
 
     def __repr__(self) -> str:
-        return f"SparseGPT({self.pattern}, blocksize={self.blocksize}, percdamp={self.percdamp:g})"
+        quant = "" if self.quant is None else f", quant={self.quant}"
+        return f"SparseGPT({self.pattern}, blocksize={self.blocksize}, percdamp={self.percdamp:g}{quant})"

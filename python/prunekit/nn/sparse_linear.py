@@ -16,6 +16,18 @@ from ..ref import pack24 as ref_pack
 
 
 class SparseLinear(nn.Module):
+    """A 2:4-sparse nn.Linear (weight packed as values + meta; see the module docstring).
+
+    Memory: where the dense route is the fastest for some input size (always on CPU; on CUDA where the
+    sparse kernels lose, fail their first-call check or do not apply, e.g. large batches on a GPU that is
+    not Hopper), the layer keeps a dense copy of its weight next to the packed one (built on first use,
+    freed with the layer, rebuilt after an in-place change), so it is never slower than the nn.Linear it
+    replaced. That copy costs the dense weight's memory again: set PRUNEKIT_SPARSE24_DENSE_CACHE=0 to unpack
+    on every call instead when memory matters more than speed (ops/sparse24_dense.py). CUDA graphs: run
+    one forward per input shape before capturing so the copies exist (a capture cannot build them and then
+    unpacks inside the graph).
+    """
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  device=None, dtype=None) -> None:
         super().__init__()

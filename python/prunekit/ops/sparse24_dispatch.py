@@ -1,9 +1,12 @@
 """CUDA route of `prunekit::sparse24_linear`: the mma.sp decode kernel (M <= 64), the Hopper CUTLASS
-sm90 prefill GEMM (M bucket >= 128, compute capability 9.x; ops/sparse24_sm90.py), or unpack + dense
-F.linear.
+sm90 prefill GEMM (M bucket >= 128, compute capability 9.x; ops/sparse24_sm90.py), or the dense route:
+F.linear on the unpacked weight, cached per weight (ops/sparse24_dense.py).
 
 Choice per (device, N, K, dtype, bias, M bucket), by timing the candidates once per process on the
-layer's own weight (cached), so the sparse layer is never slower than the dense route on that shape.
+layer's own weight (cached), so the sparse layer is never slower than the dense route on that shape. The
+kernels are timed against the cached dense route (the real competitor: F.linear on a dense weight that
+is already there), or against unpack + F.linear when PRUNEKIT_SPARSE24_DENSE_CACHE=0. A converted or
+unpacked copy that was built only to be measured is dropped when no bucket of that shape uses its route.
 The first measurement also compares each kernel's output with the dense route: a kernel that disagrees
 is never used for that key and an error is logged. PRUNEKIT_SPARSE24_KERNEL=mma|sm90|dense forces one
 route where it applies (tests, benchmarks); `auto` (default) measures. The metadata is trusted on this
@@ -16,11 +19,9 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 
 from .. import _native
-from ..kernels import pack24 as unpack_kernel
-from . import _dispatch, sparse24_sm90
+from . import _dispatch, sparse24_dense, sparse24_sm90
 
 log = logging.getLogger("prunekit")
 
@@ -31,6 +32,7 @@ _choices: dict[tuple, str] = {}
 def clear_cache() -> None:
     _choices.clear()
     sparse24_sm90.clear_cache()
+    sparse24_dense.clear_cache()
 
 
 def chosen_routes() -> dict[tuple, str]:
@@ -92,9 +94,10 @@ def mma_sp_linear(x2d: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
 
 
 def dense_linear(x, values, meta, bias):
-    """Unpack (Triton) + cuBLAS. The metadata is not re-validated here: that would cost a host sync per
-    call and break CUDA graph capture; SparseLinear and io.load validate it once."""
-    return F.linear(x, unpack_kernel.unpack24(values.contiguous(), meta.contiguous()), bias)
+    """cuBLAS on the cached unpacked weight (Triton unpack on first use; ops/sparse24_dense.py). The
+    metadata is not re-validated here: that would cost a host sync and break CUDA graph capture;
+    SparseLinear and io.load validate it once."""
+    return sparse24_dense.linear(x, values, meta, bias)
 
 
 def _bucket(M: int) -> int:
@@ -145,16 +148,23 @@ def _agrees(key, name: str, probe, values, meta, bias, reference) -> bool:
 def _measure(key, x2d, values, meta, bias, candidates) -> str:
     M = key[-1]
     probe = torch.randn(M, x2d.shape[1], device=x2d.device, dtype=x2d.dtype)
-    reference = dense_linear(probe, values, meta, bias).float()
+    reference = dense_linear(probe, values, meta, bias).float()  # builds the cached dense copy
     times = {"dense": _time_us(lambda: dense_linear(probe, values, meta, bias))}
     for name in candidates:
         if _agrees(key, name, probe, values, meta, bias, reference):
             times[name] = _time_us(lambda: _KERNELS[name](probe, values, meta, bias))
     choice = min(times, key=times.get)
-    if choice != "sm90":
-        sparse24_sm90.forget(values)  # converted only to be measured
     log.info("sparse24_linear %s: %s -> %s", key, ", ".join(f"{k} {t:.1f} us" for k, t in times.items()), choice)
     return choice
+
+
+def _drop_unused_copies(key, values: torch.Tensor) -> None:
+    """Frees the copies built only to be measured: those of routes no bucket of this shape uses."""
+    used = {choice for k, choice in _choices.items() if k[:-1] == key[:-1]}
+    if "sm90" not in used:
+        sparse24_sm90.forget(values)
+    if "dense" not in used:
+        sparse24_dense.forget(values)
 
 
 def linear_cuda(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None):
@@ -179,6 +189,7 @@ def linear_cuda(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias:
                 return dense_linear(x, values, meta, bias)
             with torch.cuda.device(x.device):  # the timing events record on the current device
                 choice = _choices[key] = _measure(key, x2d, values, meta, bias, candidates)
+            _drop_unused_copies(key, values)
         if choice not in candidates:
             return dense_linear(x, values, meta, bias)
     if (choice == "sm90" and torch.cuda.is_current_stream_capturing()

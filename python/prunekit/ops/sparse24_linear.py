@@ -1,18 +1,20 @@
 """Custom op `prunekit::sparse24_linear(x, values, meta, bias?) -> y`: y = x @ W.T + bias with W in the
 logical 2:4 format (ref/pack24.py), any leading dims on x.
 
-CPU: C++ unpack + dense F.linear. CUDA: ops/sparse24_dispatch.py picks per (device, shape, dtype, M
-bucket) between the mma.sp decode kernel (csrc/cuda/sparse24_gemm.cu) and Triton unpack + dense
-F.linear, by a one-time timing per process. Autograd: gradients for x, the kept values (masked dense backward: the
+CPU: dense F.linear on the weight unpacked (C++) once and cached (ops/sparse24_dense.py;
+PRUNEKIT_SPARSE24_DENSE_CACHE=0 unpacks per call). CUDA: ops/sparse24_dispatch.py picks per (device,
+shape, dtype, M bucket) between the mma.sp decode kernel (csrc/cuda/sparse24_gemm.cu), the sm90 GEMM
+and that cached dense route, by a one-time timing per process. The default body stays the pure
+reference (no cache). Autograd: gradients for x, the kept values (masked dense backward: the
 pattern in `meta` is fixed) and bias.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..ref import pack24 as ref_pack
 from ..ref import sparse24_linear as ref
+from . import sparse24_dense
 
 
 @torch.library.custom_op("prunekit::sparse24_linear", mutates_args=())
@@ -30,7 +32,7 @@ def _(x, values, meta, bias=None):
 @sparse24_linear.register_kernel("cpu")
 def _(x, values, meta, bias=None):
     ref.check_inputs(x, values, meta, bias)
-    return F.linear(x, torch.ops.prunekit.unpack24(values, meta), bias)
+    return sparse24_dense.linear(x, values, meta, bias)
 
 
 @sparse24_linear.register_kernel("cuda")

@@ -2,9 +2,9 @@
 
 The kernel reads W in CUTLASS's own compressed layout and sm90 metadata, not the logical format that is
 saved (DESIGN.md §5). `prepared` converts once per weight tensor and device (unpack to dense 2:4 with
-Triton, then CUTLASS's compressor) and caches the result next to the weight: keyed by the `values`
-tensor object (a SparseLinear's parameter), dropped with it, and rebuilt when values/meta change in
-place (version counters) or meta is replaced.
+Triton, then CUTLASS's compressor) and caches the result next to the weight (ops/_weight_cache.py: keyed
+by the `values` tensor object, dropped with it, rebuilt when values/meta change in place or meta is
+replaced).
 """
 from __future__ import annotations
 
@@ -12,11 +12,10 @@ import functools
 from dataclasses import dataclass
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import _native
 from ..kernels import pack24 as unpack_kernel
-from . import _dispatch
+from . import _dispatch, _weight_cache
 
 MIN_TOKENS = 128  # below this, the decode kernel or dense wins (DESIGN.md §6); the dispatcher times it
 _BF16_FP16 = (torch.bfloat16, torch.float16)
@@ -26,10 +25,9 @@ _BF16_FP16 = (torch.bfloat16, torch.float16)
 class Sm90Weight:
     compressed: torch.Tensor  # uint8, CUTLASS compressed A
     metadata: torch.Tensor    # uint8, CUTLASS sm90 metadata E
-    source: tuple             # what it was built from: (values ptr, version, meta ptr, version)
 
 
-_prepared: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_prepared = _weight_cache.DerivedWeights()
 
 
 def clear_cache() -> None:
@@ -60,13 +58,8 @@ def _cutlass_accepts(N: int, K: int, dtype: torch.dtype) -> bool:
     return _native.require_cuda_module().sparse24_sm90_can_implement(MIN_TOKENS, N, K, _native.DTYPE_CODES[dtype])
 
 
-def _source(values: torch.Tensor, meta: torch.Tensor) -> tuple:
-    return values.data_ptr(), values._version, meta.data_ptr(), meta._version
-
-
 def is_prepared(values: torch.Tensor, meta: torch.Tensor) -> bool:
-    entry = _prepared.get(values)
-    return entry is not None and entry.source == _source(values, meta)
+    return _prepared.lookup(values, meta) is not None
 
 
 def compress(values: torch.Tensor, meta: torch.Tensor) -> Sm90Weight:
@@ -83,22 +76,19 @@ def compress(values: torch.Tensor, meta: torch.Tensor) -> Sm90Weight:
     with torch.cuda.device(device):  # launches go to the current device; custom ops get no device guard
         mod.sparse24_sm90_compress(dense.data_ptr(), compressed.data_ptr(), metadata.data_ptr(),
                                    workspace.data_ptr(), N, K, code, _native.stream_of(values))
-    return Sm90Weight(compressed, metadata, _source(values, meta))
+    return Sm90Weight(compressed, metadata)
 
 
 def forget(values: torch.Tensor) -> None:
     """Drops a weight's converted copy (the dispatcher did not pick sm90 for it: no memory kept for nothing)."""
-    _prepared.pop(values, None)
+    _prepared.forget(values)
 
 
 def prepared(values: torch.Tensor, meta: torch.Tensor) -> Sm90Weight:
-    entry = _prepared.get(values)
-    if entry is None or entry.source != _source(values, meta):
-        if values.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("sparse24_linear (sm90): the weight's one-time conversion cannot run inside a CUDA "
-                               "graph capture; run one forward before capturing")
-        entry = _prepared[values] = compress(values, meta)
-    return entry
+    if not is_prepared(values, meta) and _weight_cache.capturing(values):
+        raise RuntimeError("sparse24_linear (sm90): the weight's one-time conversion cannot run inside a CUDA "
+                           "graph capture; run one forward before capturing")
+    return _prepared.get_or_build(values, meta, compress)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -10,8 +10,7 @@ from prunekit.pruning.sparsegpt import sparsegpt_prune
 from prunekit.pruning.stats import LayerStats
 from prunekit.quant.quantizer import QuantSpec, find_params, fit_params, quantize, quantize_rtn
 from prunekit.quant.sparse_quant import QuantLayerResult, sparsegpt_quant_prune
-from prunekit.ref.selection import tensor_keep_mask
-from prunekit.ref.sparsegpt import reference_hinv
+from prunekit.ref.sparsegpt import reference_fasterprune
 
 
 def calib_inputs(cols, samples=None, seed=0, mix=0.3):
@@ -54,66 +53,14 @@ def ref_quantize(x, scale, zero, maxq):
     return scale * (q - zero)
 
 
-def reference_fasterprune_quant(W, H, sparsity, prunen=0, prunem=0, *, bits, groupsize=-1, sym=False,
-                                blocksize=128, percdamp=0.01):
-    W = W.clone().float()
-    H = H.clone().float()
-    rows, columns = W.shape
+def reference(W, H, spec, *, bits, groupsize=-1, sym=False, **kw):
+    """prunekit.ref.sparsegpt's transcription of fasterprune, with the reference quantizer above."""
     maxq = 2 ** bits - 1
-    scale, zero = ref_find_params(W, bits, sym)
-
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    Losses = torch.zeros(rows)
-    damp = percdamp * torch.mean(torch.diag(H))
-    diag = torch.arange(columns)
-    H[diag, diag] += damp
-    Hinv = reference_hinv(H)
-
-    pruned = torch.zeros_like(W, dtype=torch.bool)
-    for i1 in range(0, columns, blocksize):
-        i2 = min(i1 + blocksize, columns)
-        count = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Losses1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        if prunen == 0:
-            tmp = W1 ** 2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2
-            mask1 = ~tensor_keep_mask(tmp, sparsity)
-        else:
-            mask1 = torch.zeros_like(W1) == 1
-        for i in range(count):
-            w = W1[:, i]
-            d = Hinv1[i, i]
-            if groupsize != -1 and (i1 + i) % groupsize == 0:
-                scale, zero = ref_find_params(W[:, (i1 + i):(i1 + i + groupsize)], bits, sym)
-            if prunen != 0 and i % prunem == 0:
-                tmp = W1[:, i:(i + prunem)] ** 2 / (torch.diag(Hinv1)[i:(i + prunem)].reshape((1, -1))) ** 2
-                lowest = torch.sort(tmp, dim=1, stable=True).indices[:, :prunen]
-                mask1.scatter_(1, i + lowest, True)
-            q = w.clone()
-            q[mask1[:, i]] = 0
-            q = ref_quantize(q.unsqueeze(1), scale, zero, maxq).flatten()
-            Q1[:, i] = q
-            Losses1[:, i] = (w - q) ** 2 / d ** 2
-            err1 = (w - q) / d
-            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-            Err1[:, i] = err1
-        W[:, i1:i2] = Q1
-        pruned[:, i1:i2] = mask1
-        Losses += torch.sum(Losses1, 1) / 2
-        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
-    return W, ~pruned, Losses
-
-
-def reference(W, H, spec, **kw):
+    quantizer = (lambda x: ref_find_params(x, bits, sym), lambda x, scale, zero: ref_quantize(x, scale, zero, maxq))
     if isinstance(spec, str) and ":" in spec:
         n, m = map(int, spec.split(":"))
-        return reference_fasterprune_quant(W, H, 0, prunen=m - n, prunem=m, **kw)
-    return reference_fasterprune_quant(W, H, spec, **kw)
+        return reference_fasterprune(W, H, 0, prunen=m - n, prunem=m, quantizer=quantizer, groupsize=groupsize, **kw)
+    return reference_fasterprune(W, H, spec, quantizer=quantizer, groupsize=groupsize, **kw)
 
 
 # (rows, cols, spec, bits, groupsize, sym, blocksize): odd rows; groups straddling blocks; groups

@@ -12,7 +12,8 @@ Two things differ from the original, both on purpose:
     prune the lower index first (stable sort), as everywhere in prunekit.
 Kept from the original: its N:M convention. `prunen` is the number PRUNED in each group of `prunem`
 (prunen=2, prunem=4 is 2:4). prunekit's patterns count KEPT weights: N:M kept == prunen = M - N.
-The original's optional external mask and quantizer are not transcribed (prunekit does not use them).
+The original's optional quantizer is transcribed (GPTQ-style groups when groupsize > 0, parameters read
+from the block-start weights); its optional external mask is not (prunekit does not use it).
 """
 from __future__ import annotations
 
@@ -30,13 +31,19 @@ def reference_hinv(H: torch.Tensor) -> torch.Tensor:
 
 
 def reference_fasterprune(W: torch.Tensor, H: torch.Tensor, sparsity: float, prunen: int = 0,
-                          prunem: int = 0, blocksize: int = 128, percdamp: float = 0.01):
+                          prunem: int = 0, blocksize: int = 128, percdamp: float = 0.01,
+                          quantizer=None, groupsize: int = -1):
     """Prune W [rows, columns] given H [columns, columns] = 2/n XᵀX, exactly as the original does.
 
+    quantizer: optional (find_params, quantize) pair, the original's `self.quantizer`:
+        find_params(x [rows, k]) -> (scale, zero) each [rows, 1]; quantize(x [rows, 1], scale, zero).
     Returns (W_pruned float32, keep mask bool (True = kept), Losses [rows] float32).
     """
     W = W.clone().float()
     H = H.clone().float()
+    if quantizer is not None:
+        find_params, quantize = quantizer
+        scale, zero = find_params(W)
     rows, columns = W.shape
 
     dead = torch.diag(H) == 0
@@ -71,6 +78,9 @@ def reference_fasterprune(W: torch.Tensor, H: torch.Tensor, sparsity: float, pru
             w = W1[:, i]
             d = Hinv1[i, i]
 
+            if quantizer is not None and groupsize != -1 and (i1 + i) % groupsize == 0:
+                scale, zero = find_params(W[:, (i1 + i):(i1 + i + groupsize)])
+
             if prunen != 0 and i % prunem == 0:
                 tmp = W1[:, i:(i + prunem)] ** 2 / (torch.diag(Hinv1)[i:(i + prunem)].reshape((1, -1))) ** 2
                 # original: mask1.scatter_(1, i + topk(tmp, prunen, dim=1, largest=False)[1], True)
@@ -79,6 +89,8 @@ def reference_fasterprune(W: torch.Tensor, H: torch.Tensor, sparsity: float, pru
 
             q = w.clone()
             q[mask1[:, i]] = 0
+            if quantizer is not None:
+                q = quantize(q.unsqueeze(1), scale, zero).flatten()
 
             Q1[:, i] = q
             Losses1[:, i] = (w - q) ** 2 / d ** 2

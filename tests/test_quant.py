@@ -13,20 +13,7 @@ from prunekit.quant.sparse_quant import QuantLayerResult, sparsegpt_quant_prune
 from prunekit.ref.sparsegpt import reference_fasterprune
 
 
-def calib_inputs(cols, samples=None, seed=0, mix=0.3):
-    g = torch.Generator().manual_seed(seed)
-    samples = samples or 2 * cols
-    A = torch.eye(cols) + mix * torch.randn(cols, cols, generator=g) / cols ** 0.5
-    return torch.randn(samples, cols, generator=g) @ A
-
-
-def hessian(X):
-    return 2 / X.shape[0] * X.T @ X
-
-
-def layer(rows, cols, seed=0):
-    W = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed + 100))
-    return W, hessian(calib_inputs(cols, seed=seed))
+from layers import calib_inputs, hessian, layer  # tests/layers.py
 
 
 # ---- a literal transcription of the reference: fasterprune with a quantizer (GPTQ's groups) ----

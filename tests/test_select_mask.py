@@ -107,6 +107,19 @@ def test_opcheck_every_op(gen):
     torch.library.opcheck(ops.nm_keep_mask, (scores, 2, 4))
     torch.library.opcheck(ops.wanda_keep_mask, (W, norms, 0.5, 0, 0))
     torch.library.opcheck(ops.wanda_keep_mask, (W.half(), norms, 0.0, 1, 4))
+    torch.library.opcheck(ops.tensor_keep_mask, (scores, 0.3))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (37, 128), (5, 7), (130, 24)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9])
+def test_tensor_keep_mask_matches_reference_with_ties(gen, shape, sparsity):
+    # kth-value select vs the stable sort: random scores, heavy integer ties, and signed zeros
+    ties = torch.randint(0, 4, shape, generator=gen).float()
+    ties[..., ::3] *= -0.0
+    for scores in (random_scores(gen, *shape), ties, ties.double()):
+        got = ops.tensor_keep_mask(scores, sparsity)
+        assert torch.equal(got, selection.tensor_keep_mask(scores, sparsity))
+        assert int((~got).sum()) == int(scores.numel() * sparsity)
 
 
 def test_op_errors():
@@ -174,6 +187,13 @@ def test_wanda_keep_mask_triton_ties(gen):
 
 
 # ---- CUDA (GPU machine) ----
+
+@pytest.mark.gpu
+def test_tensor_keep_mask_cuda(gen):
+    for scores in (random_scores(gen, 4096, 128), torch.randint(0, 9, (4096, 128), generator=gen).float()):
+        got = ops.tensor_keep_mask(scores.cuda(), 0.5).cpu()
+        assert torch.equal(got, selection.tensor_keep_mask(scores, 0.5))
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows,width", [(64, 4096), (33, 11008), (7, 20001)])

@@ -4,6 +4,8 @@
 - `prunekit::nm_keep_mask(scores, n, m)`: keep the n highest of every m consecutive scores.
 - `prunekit::wanda_keep_mask(W, act_norm_sq, sparsity, n, m)`: Wanda in one pass over W, scoring
   |W| * sqrt(act_norm_sq) in float32 and selecting per row (m = 0) or per N:M group.
+- `prunekit::tensor_keep_mask(scores, sparsity)`: over the whole tensor prune the int(numel * sparsity)
+  lowest (SparseGPT's per-block selection) — a k-th value select, not a sort, on every device.
 
 CPU runs the C++ kernels of `_C` (csrc/cpu/nm_select.cpp), CUDA runs Triton (kernels/select_mask.py).
 Both work in float32, which orders float16/bfloat16 scores exactly; float64 inputs run the reference.
@@ -188,3 +190,35 @@ def _(W, act_norm_sq, sparsity, n, m):
     if kernels is None or W.dtype not in _KERNEL_DTYPES:
         return _wanda_reference(W, act_norm_sq, sparsity, n, m)
     return kernels.wanda_keep_mask_triton(_dispatch.contiguous(W), act_norm_sq, sparsity, n, m)
+
+
+# ---- tensor_keep_mask ----
+
+@torch.library.custom_op("prunekit::tensor_keep_mask", mutates_args=())
+def tensor_keep_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Over the whole tensor, prune the int(numel * sparsity) lowest scores (ties: lower index first)."""
+    _validate.float_tensor(scores, "scores")
+    return selection.tensor_keep_mask(scores, _validate.sparsity(sparsity))
+
+
+@tensor_keep_mask.register_fake
+def _(scores, sparsity):
+    _validate.float_tensor(scores, "scores")
+    return _new_mask(scores)
+
+
+@tensor_keep_mask.register_kernel(["cpu", "cuda"])
+def _(scores, sparsity):
+    _validate.float_tensor(scores, "scores")
+    flat = scores.reshape(-1)
+    n_prune = int(flat.numel() * _validate.sparsity(sparsity))
+    if n_prune == 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    # The n_prune-th smallest value is the threshold: everything below it goes, and of the values equal
+    # to it the lowest-index ones, until n_prune are gone (what a stable sort would pick). No host sync.
+    threshold = torch.kthvalue(flat, n_prune).values
+    below = flat < threshold
+    ties = flat == threshold
+    tie_budget = n_prune - below.sum()
+    pruned = below | (ties & (torch.cumsum(ties, 0) <= tie_budget))
+    return (~pruned).reshape(scores.shape)

@@ -20,7 +20,7 @@ import torch
 
 from .. import _validate, patterns
 from ..ops import obs_sweep as _obs_sweep_op  # noqa: F401  (registers torch.ops.prunekit.obs_sweep)
-from ..ref.selection import tensor_keep_mask
+from ..ops import select_mask as _select_mask_ops  # noqa: F401  (registers prunekit::tensor_keep_mask)
 from .base import LayerResult, PruningMethod
 from .stats import LayerStats
 
@@ -126,7 +126,7 @@ def block_keep_mask(W1: torch.Tensor, Hinv1: torch.Tensor, pattern: patterns.Pat
     for N:M, whose groups are chosen during the sweep from the updated weights."""
     if pattern.is_nm:
         return torch.zeros_like(W1, dtype=torch.bool)
-    return tensor_keep_mask(W1 ** 2 / torch.diag(Hinv1).reshape(1, -1) ** 2, pattern.sparsity)
+    return torch.ops.prunekit.tensor_keep_mask(W1 ** 2 / torch.diag(Hinv1).reshape(1, -1) ** 2, pattern.sparsity)
 
 
 @dataclass

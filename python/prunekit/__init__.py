@@ -47,8 +47,13 @@ _EXPORTS = {
     "constant_schedule": ("train.schedule", "constant_schedule"),
     "distillation_loss": ("train.distill", "distillation_loss"),
     "recover": ("train.distill", "recover"),
+    "Masks": ("train.masks", "Masks"),
+    "Snapshot": ("train.rewinding", "Snapshot"),
+    "rewind": ("train.rewinding", "rewind"),
+    "reinitialize": ("train.rewinding", "reinitialize"),
+    "iterative_magnitude": ("train.imp", "iterative_magnitude"),
 }
-_SUBMODULES = {"data", "eval", "ops", "ref", "nn", "pruning", "io", "cli", "patterns", "calibrate"}
+_SUBMODULES = {"data", "eval", "ops", "ref", "nn", "pruning", "io", "cli", "patterns", "calibrate", "train"}
 
 
 def __getattr__(name: str):

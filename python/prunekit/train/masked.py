@@ -14,7 +14,8 @@ weight was pruned, and weight decay variants, would otherwise move it). Masks ar
 calibration-free method (Magnitude: by |w| per layer by default, or per row, per N:M group, or over
 all layers with scope='global'); since pruned weights are zero, each update keeps pruning them and
 the sparsity grows exactly as scheduled. `MaskedTraining.from_pruned(model)` instead freezes the zero
-pattern a one-shot method left, for recovery fine-tuning.
+pattern a one-shot method left, for recovery fine-tuning; `MaskedTraining.from_masks(model, masks)`
+holds any given masks (prunekit.train.masks), e.g. after rewinding the weights (prunekit.train.rewinding).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from torch import nn
 from .. import calibrate, patterns
 from ..pruning.base import PruningMethod
 from ..pruning.magnitude import Magnitude, global_magnitude_masks
+from .masks import Masks
 from .schedule import Schedule, constant_schedule
 
 log = logging.getLogger("prunekit")
@@ -87,18 +89,22 @@ class MaskedTraining:
                     ) -> MaskedTraining:
         """Fine-tuning after one-shot pruning: every selected layer's current zeros stay zero. Layers
         without zeros are left alone."""
+        return cls.from_masks(model, Masks.from_model(model, include=include, exclude=exclude, blocks=blocks))
+
+    @classmethod
+    def from_masks(cls, model: nn.Module, masks) -> MaskedTraining:
+        """Training with given keep masks held fixed (a Masks or a dict of layer name -> bool tensor
+        [out_features, in_features], True = kept; any pattern). The pruned weights are zeroed now."""
+        masks = Masks(masks)
+        if not masks:
+            raise ValueError("MaskedTraining.from_masks: no masks given")
         self = cls.__new__(cls)
         self.method, self.schedule = None, None
-        layers = _select(model, include, exclude, blocks)
-        sparse = {name: m for name, m in layers.items() if bool((calibrate.layer_weight(m) == 0).any())}
-        if not sparse:
-            raise ValueError("MaskedTraining.from_pruned: none of the selected layers has zero weights; "
-                             "prune the model first (prunekit.prune)")
-        self._attach(sparse)
-        for name, module in sparse.items():
-            self._set_mask(name, calibrate.layer_weight(module).detach() != 0)
-        pruned = sum(int(p.sum()) for p in self._pruned.values())
-        self.sparsity = pruned / sum(m.weight.numel() for m in sparse.values())
+        self._attach(masks.check(model))
+        for name, keep in masks.items():
+            self._set_mask(name, None if bool(keep.all()) else keep)
+        self.apply()
+        self.sparsity = masks.sparsity
         return self
 
     # ------------------------------------------------------------------------------- public
@@ -115,7 +121,7 @@ class MaskedTraining:
         """Recomputes every mask at the schedule's sparsity for the current step, from the current weights."""
         self._check_open()
         if self.method is None:
-            raise RuntimeError("MaskedTraining.from_pruned keeps its masks fixed; they are not recomputed")
+            raise RuntimeError("MaskedTraining.from_pruned/from_masks keeps its masks fixed; they are not recomputed")
         sparsity = self.schedule(self.step_count)
         pattern = self.method.pattern if self.method.pattern.is_nm else patterns.Pattern(sparsity)
         weights = {name: calibrate.layer_weight(m).detach() for name, m in self.layers.items()}
@@ -140,9 +146,9 @@ class MaskedTraining:
                 module.weight.data.masked_fill_(pruned, 0)
 
     @property
-    def masks(self) -> dict[str, torch.Tensor]:
+    def masks(self) -> Masks:
         """Keep masks (True = kept) in nn.Linear layout [out_features, in_features], by layer name."""
-        out = {}
+        out = Masks()
         for name, module in self.layers.items():
             pruned = self._pruned[name]
             weight = calibrate.layer_weight(module)
@@ -150,7 +156,7 @@ class MaskedTraining:
             out[name] = keep.t() if pruned is not None and calibrate.is_conv1d(module) else keep
         return out
 
-    def finalize(self) -> dict[str, torch.Tensor]:
+    def finalize(self) -> Masks:
         """Hard zeros in place, gradient hooks removed; returns the final keep masks."""
         self._check_open()
         self.apply()
@@ -188,7 +194,7 @@ class MaskedTraining:
             raise RuntimeError("MaskedTraining.finalize() was called; create a new MaskedTraining to train again")
 
     def __repr__(self) -> str:
-        source = "from_pruned" if self.method is None else f"{self.method!r}, {self.schedule!r}"
+        source = "fixed masks" if self.method is None else f"{self.method!r}, {self.schedule!r}"
         return f"MaskedTraining({source}, {len(self.layers)} layers, step {self.step_count})"
 
 

@@ -147,7 +147,7 @@ def test_dict_allocation_by_glob_first_match_wins():
 
 
 def test_regex_rules_and_percent_values():
-    rules = LayerSparsity({r"model\.layers\.\d+\.mlp\.down_proj": "60%"})
+    rules = LayerSparsity({r"re:model\.layers\.\d+\.mlp\.down_proj": "60%"})
     model = tiny_model("llama")
     pk.prune(model, pk.Wanda(0.5), calib_ids(4, 16), progress=False, allocation=rules)
     w = model.model.layers[1].mlp.down_proj.weight

@@ -124,3 +124,21 @@ def test_compare_embeddings_errors():
         pk_eval.compare_embeddings(torch.ones(3, 4), torch.ones(2, 4))
     with pytest.raises(ValueError, match="at least 2"):
         pk_eval.compare_embeddings(torch.ones(1, 4), torch.ones(1, 4))
+
+
+def test_sparsity_counts_sparse_linear_and_skips_the_pooler():
+    model = tiny_model("llama")
+    pk.prune(model, pk.Magnitude("2:4"), calib_ids(), progress=False)
+    assert pk_eval.sparsity(model).total == pytest.approx(0.5)
+    report = pk.sparsify(model)
+    assert report.swapped
+    after = pk_eval.sparsity(model)
+    assert len(after.layers) == 14 and after.total == pytest.approx(0.5)
+    assert after.layers[report.swapped[0]] == pytest.approx(0.5)
+    assert pk_eval.sparsity(model, include="model.layers.1.*").total == pytest.approx(0.5)
+
+    bert = tiny_model("bert")
+    pk.prune(bert, pk.Magnitude(0.5), calib_ids(), progress=False)
+    measured = pk_eval.sparsity(bert)
+    assert not any("pooler" in name for name in measured.layers)
+    assert measured.total == pytest.approx(0.5)

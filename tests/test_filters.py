@@ -140,3 +140,89 @@ def test_refuses_residual_and_bad_input():
         pk.prune_filters(no_flatten, 0.25, example_input=x)
     with pytest.raises(ValueError, match="every output"):
         pk.prune_filters(nn.Sequential(nn.Linear(4, 1), nn.Linear(1, 2)), 0.6, example_input=torch.randn(2, 4))
+
+
+def flatten_bn1d_net() -> nn.Module:
+    """Conv2d -> Flatten -> BatchNorm1d -> Linear: the norm reads the flattened (channel x spatial) columns."""
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.BatchNorm1d(4 * 2 * 2), nn.Linear(16, 3))
+    with torch.no_grad():
+        net[3].running_mean.uniform_(-1, 1)
+        net[3].running_var.uniform_(0.5, 2)
+    return net.eval()
+
+
+def test_batchnorm_after_flatten_is_sliced_by_the_spread_columns():
+    dense = flatten_bn1d_net()
+    x = torch.randn(3, 2, 4, 4)
+    model = copy.deepcopy(dense)
+    report = pk.prune_filters(model, 0.5, example_input=x)
+    kept = report.kept["0"]
+    columns = [c * 4 + s for c in kept for s in range(4)]
+    assert model[3].num_features == 8
+    torch.testing.assert_close(model[3].running_mean, dense[3].running_mean[columns])
+    masked = masked_dense(dense, report, {"0": ("4", 4)})
+    torch.testing.assert_close(model(x), masked(x), rtol=1e-5, atol=1e-6)
+
+
+def test_shape_probe_does_not_move_batchnorm_statistics_and_restores_modes():
+    model = conv_net()
+    model.train()
+    model[1].eval()  # a submodule in eval mode must come back in eval mode
+    model[7].train()
+    before = (model[1].running_mean.clone(), model[1].num_batches_tracked.clone())
+    bn2 = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)).train()
+    stats = (bn2[1].running_mean.clone(), bn2[1].running_var.clone(), bn2[1].num_batches_tracked.clone())
+    report = pk.prune_filters(model, 0.25, example_input=torch.randn(4, 3, 8, 8) * 5 + 3)
+    kept = report.kept["0"]
+    torch.testing.assert_close(model[1].running_mean, before[0][kept])
+    assert int(model[1].num_batches_tracked) == int(before[1])
+    assert model.training and not model[1].training and model[7].training
+    report = pk.prune_filters(bn2, 0.25, example_input=torch.randn(5, 6) * 4 + 2)
+    torch.testing.assert_close(bn2[1].running_var, stats[1][report.kept["0"]])
+    assert int(bn2[1].num_batches_tracked) == int(stats[2]) and bn2.training and bn2[1].training
+
+
+def test_percent_amount_printable_report_and_conv1d():
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv1d(3, 10, 3), nn.BatchNorm1d(10), nn.ReLU(), nn.MaxPool1d(2),
+                          nn.Conv1d(10, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 2, 4)).eval()
+    x = torch.randn(2, 3, 10)
+    model = copy.deepcopy(dense)
+    report = pk.prune_filters(model, "30%", example_input=x)
+    assert report.widths == {"0": (10, 7), "4": (6, 4)}
+    assert model[1].num_features == 7 and model[4].in_channels == 7 and model[7].in_features == 8
+    text = str(report)
+    assert "0  10 -> 7 outputs" in text and "parameters" in text
+    masked = masked_dense(dense, report, {"0": ("4", 1), "4": ("7", 2)})
+    torch.testing.assert_close(model(x), masked(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="percentage"):
+        pk.prune_filters(model, "thirty", example_input=x)
+
+
+class ViewNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3)
+        self.fc = nn.Linear(16, 2)
+
+    def forward(self, x):
+        x = self.conv(x)
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_a_view_is_not_called_a_residual():
+    with pytest.raises(ValueError, match="view/reshape") as info:
+        pk.prune_filters(ViewNet(), 0.25, example_input=torch.randn(1, 2, 4, 4))
+    assert "residual" not in str(info.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_model_on_cuda_is_pruned_where_it_is():
+    dense = conv_net().cuda()
+    x = torch.randn(2, 3, 8, 8, device="cuda")
+    model = copy.deepcopy(dense)
+    report = pk.prune_filters(model, 0.25, example_input=x)
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    masked = masked_dense(dense.cpu(), report, {"0": ("3", 1), "3": ("7", 9), "7": ("9", 1)})
+    torch.testing.assert_close(model(x).cpu(), masked(x.cpu()), rtol=1e-4, atol=1e-5)

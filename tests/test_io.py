@@ -105,3 +105,39 @@ def test_invalid_metadata_with_valid_checksum_is_rejected(tmp_path):
     pio.save(model, tmp_path)
     with pytest.raises(ValueError, match=r"up\.meta: invalid 2:4 metadata nibble 0xA at row 2, group 3"):
         pio.load(Tiny(), tmp_path)
+
+
+def test_a_bfloat16_file_loads_into_a_float32_model_as_float32(tmp_path):
+    model = pruned_sparse_model(torch.bfloat16)
+    pio.save(model, tmp_path)
+    fresh = pio.load(Tiny(torch.float32), tmp_path)
+    dtypes = {t.dtype for t in fresh.state_dict().values() if t.is_floating_point()}
+    assert dtypes == {torch.float32}  # not float32 with bfloat16 SparseLinear layers
+    torch.testing.assert_close(fresh.up.weight, model.up.weight.float(), rtol=0, atol=0)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(fresh.up(x), nn.functional.linear(x, model.up.weight.float(), model.up.bias.float()))
+
+
+def test_a_model_built_on_meta_is_materialized_from_the_file(tmp_path):
+    model = pruned_sparse_model()
+    ids = torch.tensor([[1, 2, 3, 9]])
+    pio.save(model, tmp_path)
+    with torch.device("meta"):
+        empty = Tiny()
+    loaded = pio.load(empty, tmp_path)
+    assert all(t.device.type == "cpu" for t in loaded.state_dict().values())
+    torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)
+
+
+def test_meta_tensors_the_file_does_not_hold_are_refused(tmp_path):
+    pio.save(pruned_sparse_model(), tmp_path)
+    with torch.device("meta"):
+        empty = Tiny()
+        empty.register_buffer("table", torch.zeros(4), persistent=False)  # e.g. rotary inv_freq
+    with pytest.raises(ValueError, match=r"meta device.*table"):
+        pio.load(empty, tmp_path)
+    assert isinstance(empty.up, nn.Linear)  # refused before anything changed
+    partly = Tiny()
+    partly.norm.to_empty(device="meta")
+    with pytest.raises(ValueError, match="meta device"):
+        pio.load(partly, tmp_path)

@@ -208,7 +208,7 @@ def test_include_exclude_patterns():
     assert report.layers and all(".mlp." not in r.name for r in report.layers)
     assert model.model.layers[0].mlp.up_proj.weight.ne(0).all()
     model = tiny_model("llama")
-    report = pk.prune(model, pk.Magnitude(0.5), calib_ids(), include=r"model\.layers\.\d+\.self_attn\.q_proj",
+    report = pk.prune(model, pk.Magnitude(0.5), calib_ids(), include=r"re:model\.layers\.\d+\.self_attn\.q_proj",
                       progress=False)
     assert [r.name for r in report.layers] == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
 

@@ -8,14 +8,14 @@ exception; the block list is found in the model rather than named per architectu
 """
 from __future__ import annotations
 
-import fnmatch
 import inspect
 import logging
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from . import patterns as _patterns
 
 log = logging.getLogger("prunekit")
 
@@ -84,26 +84,11 @@ def _block_candidates(model: nn.Module) -> list[str]:
 
 
 def _matches(name: str, patterns) -> bool:
-    for pattern in patterns:
-        if fnmatch.fnmatchcase(name, pattern):
-            return True
-        try:
-            if re.fullmatch(pattern, name):
-                return True
-        except re.error:
-            pass
-    return False
+    return any(_patterns.name_matches(name, p) for p in patterns)
 
 
 def _as_patterns(value, what: str) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    patterns = list(value)
-    if not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"{what}: expected a name pattern or a list of them, got {value!r}")
-    return patterns
+    return _patterns.as_name_patterns(value, what)
 
 
 def select_layers(model: nn.Module, include=None, exclude=None, block_path: str | None = None
@@ -111,8 +96,8 @@ def select_layers(model: nn.Module, include=None, exclude=None, block_path: str 
     """The linear layers to prune, by qualified name.
 
     By default: every nn.Linear / Conv1D inside the block list (or anywhere, for a model without
-    blocks) except the output embeddings (LM head). `include` / `exclude` are name patterns, each
-    matched as a shell glob (fnmatch) or as a full regular expression; `include` replaces the default
+    blocks) except the output embeddings (LM head). `include` / `exclude` are layer-name patterns
+    (shell globs; a regular expression only with a `re:` prefix — see prunekit.patterns); `include` replaces the default
     selection, `exclude` removes from it.
     """
     include_p, exclude_p = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")

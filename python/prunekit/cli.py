@@ -11,7 +11,7 @@ import sys
 import tempfile
 
 from .pipeline import METHODS, make_method
-from .report import _umask
+from .report import private_name
 
 
 class CLIError(Exception):
@@ -165,9 +165,9 @@ def _write_atomically(out: str, write) -> None:
     complete or not at all. An existing `out` (with --overwrite) is swapped out, then removed."""
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    tmp = private_name(parent, f".{os.path.basename(out)}.tmp-")
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; give it a normal folder's mode
+        os.mkdir(tmp, 0o777)  # a normal folder's mode: the OS applies the umask
         write(tmp)
         if os.path.exists(out):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)

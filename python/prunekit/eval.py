@@ -53,15 +53,36 @@ class Sparsity:
 
 
 def sparsity(model: nn.Module, include=None, exclude=None) -> Sparsity:
-    """Fraction of zero weights in each linear layer (default: all but the LM head) and in total."""
-    layers = calibrate.select_layers(model, include, exclude)
+    """Fraction of exactly-zero weights in each linear layer and in total. By default the layers
+    pk.prune targets by default: every nn.Linear / Conv1D / SparseLinear inside the model's blocks (all
+    of them in a model without blocks), never the LM head — so BERT's pooler does not dilute it.
+    SparseLinear layers count their 2:4 weight as stored (the pruned zeros count)."""
+    found = calibrate.find_blocks(model)
+    layers = calibrate.select_layers(model, include, exclude, found[0] if found else None)
+    sparse = {name: m for name, m in model.named_modules() if _is_sparse_linear(m)}
+    if sparse:  # SparseLinear is not a prunable nn.Linear; select it by the same rule
+        prefix = found[0] + "." if found else ""
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        inc = calibrate._as_patterns(include, "include")
+        exc = calibrate._as_patterns(exclude, "exclude")
+        for name, m in sparse.items():
+            take = calibrate._matches(name, inc) if inc else name.startswith(prefix) and m is not head
+            if take and not calibrate._matches(name, exc):
+                layers[name] = m
+        layers = {name: layers[name] for name, _ in model.named_modules() if name in layers}
     per_layer, zeros, numel = {}, 0, 0
     for name, module in layers.items():
-        w = calibrate.layer_weight(module)
+        w = calibrate.layer_weight(module) if not _is_sparse_linear(module) else module.weight
         z = int((w == 0).sum())
-        per_layer[name] = z / w.numel()
+        per_layer[name] = z / w.numel() if w.numel() else 0.0
         zeros, numel = zeros + z, numel + w.numel()
     return Sparsity(per_layer, zeros / numel if numel else 0.0)
+
+
+def _is_sparse_linear(module: nn.Module) -> bool:
+    from .nn.sparse_linear import SparseLinear
+
+    return isinstance(module, SparseLinear)
 
 
 def embed(model: nn.Module, batches, device=None) -> torch.Tensor:

@@ -132,23 +132,55 @@ def _swap_in_sparse(model: nn.Module, sparse: dict[str, dict]) -> None:
         if (module.in_features, module.out_features) != (info["in_features"], info["out_features"]):
             raise ValueError(f"load: {name!r} is {info['out_features']}x{info['in_features']} in the file but "
                              f"{module.out_features}x{module.in_features} in the model")
-        device = module.weight.device if module.weight.device.type != "meta" else torch.device("cpu")
+        on_meta = module.weight.device.type == "meta"
+        device = torch.device("cpu") if on_meta else module.weight.device
+        # the layer keeps the model's dtype (values are cast on load, as for every dense tensor); a model
+        # on the meta device takes the file's
+        dtype = getattr(torch, info["dtype"]) if on_meta else module.weight.dtype
         replacement = SparseLinear(info["in_features"], info["out_features"], info["bias"], device=device,
-                                   dtype=getattr(torch, info["dtype"]))
+                                   dtype=dtype)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
 
 
+def _meta_tensors(model: nn.Module, path: Path, state: dict) -> bool:
+    """Whether the model was built on the meta device (then the file's tensors are taken as they are,
+    on CPU); refuses a model only partly on meta, or one whose meta tensors the file does not hold
+    (non-persistent buffers such as rotary tables), since those would stay unusable."""
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    meta = [name for name, t in tensors.items() if t.device.type == "meta"]
+    if not meta:
+        return False
+    sparse_keys = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    unheld = [n for n in meta if n not in state and n not in sparse_keys]
+    if len(meta) < len(tensors) or unheld:
+        shown = ", ".join((unheld or meta)[:5]) + (", ..." if len(unheld or meta) > 5 else "")
+        why = (f"the file does not hold {len(unheld)} of them ({shown})" if unheld else
+               f"{len(meta)} of its {len(tensors)} tensors are ({shown}), the others are not")
+        raise ValueError(f"load: the model has tensors on the meta device and {why}; they would stay on "
+                         f"meta and fail at forward. Build the model on a real device (e.g. "
+                         f"torch.device('cpu')) before prunekit.load({os.fspath(path.parent)!r})")
+    return True
+
+
 def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Restores a model saved by `save` into `model` (same architecture, dense or sparsified); returns it."""
+    """Restores a model saved by `save` into `model` (same architecture, dense or sparsified); returns it.
+
+    Tensors take the model's device and dtype (a bfloat16 file loads into a float32 model as float32,
+    SparseLinear layers included). A model built entirely on the meta device takes the file's tensors
+    as stored, on CPU; one whose meta tensors the file does not hold is refused."""
     path = Path(directory) / FILENAME
     header, tensors = _read(path)
     _verify(path, header, tensors)
-    _swap_in_sparse(model, header["sparse_linear"])
     state = dict(tensors)
     for alias, stored in header["aliases"].items():
         state[alias] = tensors[stored]
-    model.load_state_dict(state, strict=True)
+    on_meta = _meta_tensors(model, path, state)
+    _swap_in_sparse(model, header["sparse_linear"])
+    model.load_state_dict(state, strict=True, assign=on_meta)
+    if on_meta and hasattr(model, "tie_weights"):
+        model.tie_weights()  # assign=True gives each name its own Parameter
     for name, module in model.named_modules():
         if isinstance(module, SparseLinear):
             try:

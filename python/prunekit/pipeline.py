@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import calibrate, data
+from . import calibrate, data, reparam
 from .pruning.allocation import Context, as_allocation
 from .pruning.base import LayerResult, PruningMethod
 from .report import LayerReport, PruneReport
@@ -45,8 +45,9 @@ def prune(model: nn.Module, method: PruningMethod, calibration, *, include=None,
 
     calibration: token ids [n_samples, seq_len] (see prunekit.data), or a list of batches (tensors or
         dicts of model inputs). A tensor is fed `batch_size` rows at a time.
-    include / exclude: layer-name patterns (glob or regular expression). By default every linear
-        layer inside the model's blocks is pruned, and the LM head and embeddings stay dense.
+    include / exclude: layer-name patterns (shell globs; a regular expression with a `re:` prefix; see
+        prunekit.patterns). By default every linear layer inside the model's blocks is pruned, and the
+        LM head and embeddings stay dense.
     device: where the computation runs (default: where the model is). The model is left where it was.
     offload: keep the model on its own device (CPU) and bring only the block being pruned to `device`.
     blocks: dotted name of the block list (e.g. "model.layers") when it cannot be discovered.
@@ -74,6 +75,7 @@ def prune(model: nn.Module, method: PruningMethod, calibration, *, include=None,
         method.pattern.check_width(calibrate.in_features(module), f"{name}.weight")
     if allocation is not None:
         allocation.check(method, targets)
+    reparam.plain_weights(targets, "prune")  # torch.nn.utils.prune masks: fold them, with a warning
     log.info("pruning %d layers with %r on %s (blocks: %s, %d calibration batches)",
              len(targets), method, device, block_path or "none", len(batches))
 

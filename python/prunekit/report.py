@@ -3,14 +3,20 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from dataclasses import asdict, dataclass, field
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def private_name(folder: str, prefix: str, suffix: str = "") -> str:
+    """A fresh path in `folder` for a temporary file or folder (random, so runs never collide)."""
+    return os.path.join(folder, f"{prefix}{secrets.token_hex(6)}{suffix}")
+
+
+def open_new(path: str):
+    """Creates `path` (which must not exist) for writing with the mode a normal file gets: 0o666 less
+    the process umask, applied by the OS (never read or changed here: os.umask is process-wide)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    return os.fdopen(fd, "w", encoding="utf-8")
 
 
 @dataclass
@@ -73,11 +79,10 @@ class PruneReport:
         """Writes the report atomically (a temporary file renamed into place)."""
         path = os.fspath(path)
         folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".report-", suffix=".json")
+        tmp = private_name(folder, ".report-", ".json")
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
+            with open_new(tmp) as f:
                 json.dump(self.to_dict(), f, indent=2)
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a normal file's mode
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -107,15 +112,15 @@ class PruneReport:
                           *map(line, rows[:-1]), rule, line(rows[-1]), *notes])
 
     def plot(self, path: str | os.PathLike) -> None:
-        """A PNG of per-layer sparsity and reconstruction error (needs matplotlib)."""
+        """A PNG of per-layer sparsity and reconstruction error (needs matplotlib). Draws on a standalone
+        Figure: the caller's matplotlib backend and pyplot state are left alone."""
         try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
+            from matplotlib.figure import Figure
         except ImportError:
             raise ImportError("plotting the report needs matplotlib: pip install 'prunekit[plot]'") from None
         x = range(len(self.layers))
-        fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 0.25 * len(self.layers)), 6), sharex=True)
+        fig = Figure(figsize=(max(6, 0.25 * len(self.layers)), 6))
+        top, bottom = fig.subplots(2, 1, sharex=True)
         top.bar(x, [layer.sparsity for layer in self.layers])
         top.set_ylabel("sparsity")
         top.set_title(f"per-layer sparsity and reconstruction error\n{self.method}", fontsize=9)
@@ -125,4 +130,3 @@ class PruneReport:
         bottom.set_xticks(list(x), [layer.name for layer in self.layers], rotation=90, fontsize=6)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
-        plt.close(fig)

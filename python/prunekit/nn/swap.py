@@ -1,14 +1,16 @@
 """sparsify(model): swap every exactly-2:4 nn.Linear for SparseLinear, in place, and say why the others stayed."""
 from __future__ import annotations
 
-import fnmatch
+import functools
 import logging
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from .. import patterns as name_patterns
 from .sparse_linear import SparseLinear
 
 log = logging.getLogger("prunekit")
@@ -28,9 +30,7 @@ class SwapReport:
 
 
 def _matches(name: str, patterns) -> bool:
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    return name_patterns.matches_any(name, patterns)
 
 
 def _skip_reason(name: str, module: nn.Linear, include, exclude, shared: Counter) -> str | None:
@@ -60,7 +60,8 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def sparsify(model: nn.Module, *, include=None, exclude=None) -> SwapReport:
     """Swap each nn.Linear whose weight is exactly 2:4 (per row, at most 2 nonzeros in every 4 consecutive
-    inputs) for SparseLinear. include/exclude: fnmatch patterns (a string or a list) over module names."""
+    inputs) for SparseLinear. include/exclude: layer-name patterns (a string or a list; shell globs, `re:` for a regular
+    expression — see prunekit.patterns)."""
     report = SwapReport()
     shared = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -76,5 +77,41 @@ def sparsify(model: nn.Module, *, include=None, exclude=None) -> SwapReport:
             continue
         _set_submodule(model, name, sparse)
         report.swapped.append(name)
+    if report.swapped:
+        _guard_save_pretrained(model)
     log.info("sparsify: swapped %d layer(s), skipped %d", len(report.swapped), len(report.skipped))
     return report
+
+
+# ------------------------------------------------------------------------- save_pretrained
+def dense_state_dict(model: nn.Module) -> dict:
+    """The model's state_dict with each SparseLinear written as a dense `weight` (+ `bias`), the layout
+    transformers' from_pretrained reads into nn.Linear."""
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        if isinstance(module, SparseLinear):
+            prefix = f"{name}." if name else ""
+            for key in module.state_dict():
+                if key != "bias":
+                    state.pop(prefix + key, None)
+            state[prefix + "weight"] = module.weight
+    return state
+
+
+def _save_pretrained_dense(model: nn.Module, *args, **kwargs):
+    if kwargs.get("state_dict") is None and any(isinstance(m, SparseLinear) for m in model.modules()):
+        kwargs["state_dict"] = dense_state_dict(model)
+        warnings.warn("save_pretrained on a sparsified model: its SparseLinear layers are written as dense "
+                      "weights (the 2:4 zeros kept) so that from_pretrained reloads the same model as "
+                      "nn.Linear; call prunekit.sparsify again after loading, or keep them packed with "
+                      "prunekit.save / prunekit.load", stacklevel=2)
+    return type(model).save_pretrained(model, *args, **kwargs)
+
+
+def _guard_save_pretrained(model: nn.Module) -> None:
+    """transformers' save_pretrained would write SparseLinear's packed tensors, which from_pretrained
+    ignores (it then initializes those weights at random); this instance's save_pretrained writes them
+    dense instead."""
+    if getattr(type(model), "save_pretrained", None) is None or "save_pretrained" in model.__dict__:
+        return
+    model.save_pretrained = functools.partial(_save_pretrained_dense, model)

@@ -2,8 +2,8 @@
 
 `prunekit.prune(model, method, calib, allocation=...)` takes either
 
-- a dict `{layer-name pattern: sparsity}` (or `LayerSparsity(dict)`): patterns are shell globs or
-  regular expressions, as for `include`; the first pattern that matches a layer sets its sparsity,
+- a dict `{layer-name pattern: sparsity}` (or `LayerSparsity(dict)`): patterns are shell globs (a
+  regular expression only with a `re:` prefix), as for `include` (prunekit.patterns); the first pattern that matches a layer sets its sparsity,
   layers no pattern matches keep the method's; or
 - `OWL()` (Yin et al. 2024, "Outlier Weighed Layerwise sparsity", luuyin/OWL): blocks whose Wanda
   scores |W|·||x|| hold more outliers are pruned less. Per block, the outlier ratio D is the fraction
@@ -114,7 +114,7 @@ def as_allocation(value) -> Allocation | None:
 
 # ------------------------------------------------------------------------------------ by name
 class LayerSparsity(Allocation):
-    """Sparsity by layer-name pattern (glob or regular expression); the first match wins."""
+    """Sparsity by layer-name pattern (glob, or `re:` regular expression); the first match wins."""
 
     name = "layers"
 
@@ -126,6 +126,7 @@ class LayerSparsity(Allocation):
         for key, value in rules.items():
             if not isinstance(key, str):
                 raise TypeError(f"allocation: layer-name patterns must be strings, got {key!r}")
+            patterns.as_name_patterns(key, f"allocation[{key!r}]")
             pattern = patterns.parse(value)
             if pattern.is_nm:
                 raise ValueError(f"allocation[{key!r}]: expected a fraction in [0, 1), got the N:M pattern {value!r}")

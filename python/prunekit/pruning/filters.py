@@ -1,9 +1,13 @@
-"""Filter pruning of sequential CNN / MLP chains: remove Conv2d output filters and Linear output neurons,
-with the dependent BatchNorm features and input channels of the next Conv2d / Linear.
+"""Filter pruning of sequential CNN / MLP chains: remove Conv1d / Conv2d output filters and Linear output
+neurons, with the dependent BatchNorm features and input channels of the next Conv / Linear.
 
 The dependencies are read from a torch.fx trace of the model, which must be one chain: every operation
 feeds exactly one other. Anything else (residual adds, concatenations, a layer used twice, grouped
 convolutions, reshapes other than flatten) is refused with the node that breaks the chain.
+
+Every change is planned (all new tensors built) before the first layer is modified, so an error leaves
+the model untouched; shapes are traced in eval mode (BatchNorm statistics do not move) and each
+module's training flag is restored.
 """
 from __future__ import annotations
 
@@ -21,12 +25,15 @@ log = logging.getLogger("prunekit")
 # Operations that act on each channel separately: pruning a channel before them prunes it after them.
 CHANNELWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.ELU,
                        nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout1d,
-                       nn.Dropout2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+                       nn.Dropout2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+                       nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)
 CHANNELWISE_FUNCTIONS = {F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.elu, F.hardswish, F.dropout,
                          F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
+                         F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d,
                          torch.relu, torch.sigmoid, torch.tanh}
 CHANNELWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous"}
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+CONVS = (nn.Conv1d, nn.Conv2d)
 
 
 @dataclass
@@ -37,49 +44,74 @@ class FilterReport:
     kept: dict[str, list[int]] = field(default_factory=dict)
     params: tuple[int, int] = (0, 0)
 
+    def __str__(self) -> str:
+        lines = [f"prune_filters: {len(self.widths)} layer(s), parameters {self.params[0]:,} -> "
+                 f"{self.params[1]:,} ({self.params[1] / self.params[0] if self.params[0] else 1:.1%})"]
+        width = max((len(n) for n in self.widths), default=0)
+        lines += [f"  {name.ljust(width)}  {before} -> {after} outputs" for name, (before, after) in self.widths.items()]
+        return "\n".join(lines)
+
 
 @dataclass
 class _Link:
     """A prunable layer, the norms after it, and the layer reading its outputs."""
 
     name: str
-    norms: list[str] = field(default_factory=list)
+    norms: list[tuple[str, bool]] = field(default_factory=list)  # (norm, whether it reads flattened features)
     consumer: str | None = None
     ndim: int = 2
     spread: int = 1  # input features of the consumer per output channel (spatial size after flatten)
     flattened: bool = False
 
 
-def prune_filters(model: nn.Module, amount: float, importance: str = "l1", *, example_input: torch.Tensor
-                  ) -> FilterReport:
-    """Removes `amount` of the output filters / neurons of every Conv2d and Linear but the last, in place.
+def prune_filters(model: nn.Module, amount: float | str, importance: str = "l1", *,
+                  example_input: torch.Tensor) -> FilterReport:
+    """Removes `amount` of the output filters / neurons of every Conv1d / Conv2d and Linear but the last,
+    in place. amount: a fraction in [0, 1) (0.3) or a percentage ("30%").
 
     importance: "l1" (Σ|w|) or "l2" (sqrt Σw²) of each filter's weights; the lowest are removed
         (ties: lowest index first). The removed count is rounded to the nearest integer, at least one
         filter stays. example_input: one input batch, used to trace shapes (flatten sizes).
     """
-    if not 0.0 <= float(amount) < 1.0:
-        raise ValueError(f"amount: expected a fraction in [0, 1), got {amount!r}")
+    fraction = _amount(amount)
     if importance not in ("l1", "l2"):
         raise ValueError(f"importance: expected 'l1' or 'l2', got {importance!r}")
     links = _trace_chain(model, example_input)
     report = FilterReport(params=(_n_params(model), 0))
-    chosen = []
-    for link in links:  # every selection sees the dense weights, before any layer shrinks
+    edits: dict[tuple[nn.Module, str], torch.Tensor] = {}  # planned tensors, composed across links
+    widths: list[tuple[nn.Module, dict]] = []
+    for link in links:  # plan everything on the dense weights; nothing changes until all is planned
         weight = model.get_submodule(link.name).weight
         width = weight.shape[0]
-        keep = width - int(math.floor(amount * width + 0.5))
+        keep = width - int(math.floor(fraction * width + 0.5))
         if keep < 1:
-            raise ValueError(f"amount={amount} would remove every output of {link.name} ({width})")
+            raise ValueError(f"amount={amount!r} would remove every output of {link.name} ({width})")
         if keep < width:
-            chosen.append((link, select_filters(weight, keep, importance)))
+            kept = select_filters(weight, keep, importance).cpu()
+            _plan(model, link, kept, edits, widths)
             report.widths[link.name] = (width, keep)
-    for link, kept in chosen:
-        _apply(model, link, kept)
-        report.kept[link.name] = kept.tolist()
+            report.kept[link.name] = kept.tolist()
+    with torch.no_grad():
+        for (module, attr), value in edits.items():
+            _set_tensor(module, attr, value)
+        for module, sizes in widths:
+            for attr, size in sizes.items():
+                setattr(module, attr, size)
     report.params = (report.params[0], _n_params(model))
-    log.info("prune_filters: %d layers, params %d -> %d", len(report.widths), *report.params)
+    log.info("%s", report)
     return report
+
+
+def _amount(amount) -> float:
+    text = amount.strip() if isinstance(amount, str) else None
+    try:
+        value = float(text[:-1]) / 100.0 if text and text.endswith("%") else float(amount)
+    except (TypeError, ValueError):
+        raise ValueError(f"amount: expected a fraction in [0, 1) like 0.3 or a percentage like '30%', "
+                         f"got {amount!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"amount: expected a fraction in [0, 1) (or a percentage below 100%), got {amount!r}")
+    return value
 
 
 def filter_scores(weight: torch.Tensor, importance: str) -> torch.Tensor:
@@ -104,17 +136,23 @@ def _trace_chain(model: nn.Module, example_input: torch.Tensor) -> list[_Link]:
     except Exception as exc:
         raise ValueError(f"prune_filters: torch.fx cannot trace {type(model).__name__} "
                          f"({type(exc).__name__}: {exc}); it handles plain sequential chains") from None
-    with torch.no_grad():
-        ShapeProp(graph_module).propagate(example_input)
+    training = {module: module.training for module in model.modules()}
+    model.eval()  # a probe: BatchNorm running statistics must not move
+    try:
+        with torch.no_grad():
+            ShapeProp(graph_module).propagate(example_input)
+    finally:
+        for module, flag in training.items():
+            module.training = flag
     nodes = [n for n in graph_module.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
     calls = {}
     for node in graph_module.graph.nodes:
         sources = [a for a in node.all_input_nodes]
         if node.op != "placeholder" and len(sources) != 1 or node.op != "output" and len(node.users) != 1:
             raise ValueError(f"prune_filters: {type(model).__name__} is not a sequential chain: node "
-                             f"{node.name!r} ({node.op} {_target_name(node)}) has {len(sources)} inputs and "
-                             f"{len(node.users)} users (a residual add, concatenation or branch); "
-                             f"prune_filters handles only chains")
+                             f"{node.name!r} ({node.op} {_target_name(node)}) reads "
+                             f"{_node_list(sources)} and is read by {_node_list(node.users)}"
+                             f"{_chain_hint(node)}; prune_filters handles only chains")
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
             if calls[node.target] > 1:
@@ -133,7 +171,7 @@ def _trace_chain(model: nn.Module, example_input: torch.Tensor) -> list[_Link]:
         elif current is None or kind == "channelwise":
             continue
         elif kind == "norm":
-            current.norms.append(node.target)
+            current.norms.append((node.target, current.flattened))
         elif kind == "flatten":
             if current.flattened:
                 raise ValueError(f"prune_filters: {node.name!r} flattens a second time after {current.name}")
@@ -147,15 +185,38 @@ def _check_link(graph_module: fx.GraphModule, link: _Link) -> None:
     of a Linear (after flatten when they come from a Conv2d)."""
     producer = type(graph_module.get_submodule(link.name))
     consumer = type(graph_module.get_submodule(link.consumer))
-    if producer is nn.Conv2d and consumer is nn.Linear and not link.flattened:
+    if producer in CONVS and consumer is nn.Linear and not link.flattened:
         raise ValueError(f"prune_filters: {link.consumer} reads the output of {link.name} without a "
                          f"flatten(start_dim=1) in between")
-    if consumer is nn.Conv2d and (producer is nn.Linear or link.flattened):
-        raise ValueError(f"prune_filters: {link.consumer} (Conv2d) reads flattened / Linear outputs of "
-                         f"{link.name}; not handled")
+    if consumer in CONVS and (producer is nn.Linear or link.flattened):
+        raise ValueError(f"prune_filters: {link.consumer} ({consumer.__name__}) reads flattened / Linear "
+                         f"outputs of {link.name}; not handled")
+    if producer in CONVS and consumer in CONVS and producer is not consumer:
+        raise ValueError(f"prune_filters: {link.name} ({producer.__name__}) feeds {link.consumer} "
+                         f"({consumer.__name__}); not handled")
     if producer is nn.Linear and link.ndim > 2 and (link.norms or link.flattened):
         raise ValueError(f"prune_filters: {link.name} gives a {link.ndim}-D output that is normalized or "
                          f"flattened before {link.consumer}; only 2-D Linear outputs are handled there")
+
+
+def _node_list(nodes) -> str:
+    names = [n.name for n in nodes]
+    return "nothing" if not names else f"{len(names)} nodes ({', '.join(names)})" if len(names) > 1 else names[0]
+
+
+def _chain_hint(node: fx.Node) -> str:
+    """What the non-chain node most likely is, said plainly."""
+    users = list(node.users)
+    reshapes = ("view", "reshape", "size")
+    if any(u.op == "call_method" and u.target in reshapes for u in users) or (
+            node.op == "call_method" and node.target in reshapes):
+        return (" (a view/reshape that reads the tensor's size; use flatten(start_dim=1) or nn.Flatten, "
+                "which prune_filters understands)")
+    if len(users) > 1:
+        return " (its output is used more than once: a skip connection or branch)"
+    if len(node.all_input_nodes) > 1:
+        return " (it combines several tensors: a residual add or concatenation)"
+    return ""
 
 
 def _target_name(node: fx.Node) -> str:
@@ -167,7 +228,7 @@ def _classify(graph_module: fx.GraphModule, node: fx.Node) -> str:
         module = graph_module.get_submodule(node.target)
         if type(module) is nn.Linear:
             return "layer"
-        if type(module) is nn.Conv2d:
+        if type(module) in CONVS:
             if module.groups != 1:
                 raise ValueError(f"prune_filters: {node.target} is a grouped convolution (groups="
                                  f"{module.groups}); only groups=1 is handled")
@@ -189,7 +250,7 @@ def _classify(graph_module: fx.GraphModule, node: fx.Node) -> str:
         if node.target == "flatten" and _flatten_from_dim1(node):
             return "flatten"
     raise ValueError(f"prune_filters: cannot tell how {node.op} {_target_name(node)!r} (node {node.name!r}) "
-                     f"maps channels; supported: Conv2d, Linear, BatchNorm, element-wise activations, "
+                     f"maps channels; supported: Conv1d, Conv2d, Linear, BatchNorm, element-wise activations, "
                      f"pooling, dropout, flatten(start_dim=1)")
 
 
@@ -200,38 +261,41 @@ def _flatten_from_dim1(node: fx.Node) -> bool:
 
 
 # ----------------------------------------------------------------------------------- shrinking
-def _apply(model: nn.Module, link: _Link, kept: torch.Tensor) -> None:
+def _plan(model: nn.Module, link: _Link, kept: torch.Tensor, edits: dict, widths: list) -> None:
+    """Appends the new tensors (and widths) that remove all but `kept` (CPU indices) of `link`'s
+    outputs: the layer's rows, its norms' features (by channel before a flatten, by the channel's spread
+    columns after it) and its consumer's input columns."""
+    columns = (kept[:, None] * link.spread + torch.arange(link.spread)).flatten()
     layer = model.get_submodule(link.name)
-    with torch.no_grad():
-        _slice_param(layer, "weight", 0, kept)
-        _slice_param(layer, "bias", 0, kept)
-        _set_width(layer, out=kept.numel())
-        for name in link.norms:
-            norm = model.get_submodule(name)
-            for attr in ("weight", "bias", "running_mean", "running_var"):
-                _slice_param(norm, attr, 0, kept)
-            norm.num_features = kept.numel()
-        consumer = model.get_submodule(link.consumer)
-        columns = (kept[:, None] * link.spread + torch.arange(link.spread)).flatten()
-        _slice_param(consumer, "weight", 1, columns)
-        _set_width(consumer, inp=columns.numel())
+    for attr in ("weight", "bias"):
+        _sliced(layer, attr, 0, kept, edits)
+    widths.append((layer, {"out_features" if isinstance(layer, nn.Linear) else "out_channels": kept.numel()}))
+    for name, after_flatten in link.norms:
+        norm = model.get_submodule(name)
+        index = columns if after_flatten else kept
+        if norm.num_features != layer.weight.shape[0] * (link.spread if after_flatten else 1):
+            raise ValueError(f"prune_filters: {name} normalizes {norm.num_features} features, but {link.name} "
+                             f"gives {layer.weight.shape[0]} channels x {link.spread if after_flatten else 1}")
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            _sliced(norm, attr, 0, index, edits)
+        widths.append((norm, {"num_features": index.numel()}))
+    consumer = model.get_submodule(link.consumer)
+    _sliced(consumer, "weight", 1, columns, edits)
+    widths.append((consumer, {"in_features" if isinstance(consumer, nn.Linear) else "in_channels": columns.numel()}))
 
 
-def _slice_param(module: nn.Module, attr: str, dim: int, index: torch.Tensor) -> None:
-    value = getattr(module, attr, None)
+def _sliced(module: nn.Module, attr: str, dim: int, index: torch.Tensor, edits: dict) -> None:
+    """Plans `module.attr` sliced along `dim`, on top of what is already planned for it."""
+    value = edits.get((module, attr), getattr(module, attr, None))
     if value is None:
         return
-    sliced = value.index_select(dim, index.to(value.device)).contiguous()
+    with torch.no_grad():
+        edits[(module, attr)] = value.index_select(dim, index.to(value.device)).contiguous()
+
+
+def _set_tensor(module: nn.Module, attr: str, sliced: torch.Tensor) -> None:
+    value = getattr(module, attr)
     if isinstance(value, nn.Parameter):
         setattr(module, attr, nn.Parameter(sliced, requires_grad=value.requires_grad))
     else:
         setattr(module, attr, sliced)  # a registered buffer stays a buffer
-
-
-def _set_width(layer: nn.Module, out: int | None = None, inp: int | None = None) -> None:
-    if isinstance(layer, nn.Linear):
-        layer.out_features = out if out is not None else layer.out_features
-        layer.in_features = inp if inp is not None else layer.in_features
-    else:
-        layer.out_channels = out if out is not None else layer.out_channels
-        layer.in_channels = inp if inp is not None else layer.in_channels

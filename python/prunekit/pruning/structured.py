@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .. import calibrate, data
+from .. import calibrate, data, reparam
 
 log = logging.getLogger("prunekit")
 
@@ -293,6 +293,8 @@ def prune_structured(model: nn.Module, *, heads: float = 0.0, mlp: float = 0.0, 
         report.params = (report.params[0], report.params[0])
         return report
 
+    reparam.plain_weights({f"{block_path}.{n}": m for n, m in block_list.named_modules()
+                           if calibrate.is_prunable(m)}, "prune_structured")
     scores = _importances(model, block_list, kinds, importance, calibration, batch_size)
     for index, block in enumerate(block_list):
         kept = {}

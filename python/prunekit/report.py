@@ -115,6 +115,7 @@ class PruneReport:
         """A PNG of per-layer sparsity and reconstruction error (needs matplotlib). Draws on a standalone
         Figure: the caller's matplotlib backend and pyplot state are left alone."""
         try:
+            import matplotlib  # noqa: F401  (first: a missing package must say so even if a submodule is cached)
             from matplotlib.figure import Figure
         except ImportError:
             raise ImportError("plotting the report needs matplotlib: pip install 'prunekit[plot]'") from None

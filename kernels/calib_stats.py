@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _launch
+
 BLOCK_R = 64
 BLOCK_C = 64
 MAX_SPLITS = 64
@@ -46,5 +48,7 @@ def sum_sq_triton(x: torch.Tensor) -> torch.Tensor:
     splits = max(1, triton.cdiv(rows, rows_per_split))
     partial = torch.empty((splits, cols), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(cols, BLOCK_C), splits)
-    _sum_sq_kernel[grid](x, partial, rows, cols, x.stride(0), rows_per_split, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+    with _launch.on_device(x):
+        _sum_sq_kernel[grid](x, partial, rows, cols, x.stride(0), rows_per_split, BLOCK_R=BLOCK_R,
+                             BLOCK_C=BLOCK_C)
     return partial.sum(0)

@@ -4,7 +4,11 @@ Each program owns a tile of rows and keeps the whole block (B <= 128 columns, pa
 in registers; the column loop, the rank-1 updates and the N:M selection every M columns all run inside
 the kernel, so a block costs one launch instead of ~10 per column (DESIGN.md §4). Rows are independent
 given Hinv1, which is what makes the row tiling legal. Arithmetic is fp32 and follows the reference's
-operation order (w*w/(d*d) scores, err = (w-q)/d, w -= err*h) so masks come out identical.
+operation order (w*w/(d*d) scores, err = (w-q)/d, w -= err*h) so masks come out identical. On a GPU that
+needs two things the interpreter does not show: every division is round-to-nearest (`tl.div_rn`; a plain
+`/` compiles to the approximate `div.full.f32`), and the launch disables FP contraction
+(`enable_fp_fusion=False`), or `w - e*h` becomes one FMA with a single rounding. `compile_ptx` compiles
+the kernel for a GPU target without a GPU, so tests can read the PTX for both.
 """
 from __future__ import annotations
 
@@ -12,7 +16,11 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _launch
+
 MAX_BLOCK = 128
+# No FP contraction: `w - e*h` must round the product, then the difference, as the reference does.
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
 
 @triton.jit
@@ -24,7 +32,7 @@ def _column(tile, cols, i):
 @triton.jit
 def _select_nm(w, diag, keep, cols, start, N: tl.constexpr, M: tl.constexpr):
     """Within columns start..start+M-1 keep the N highest w²/d²; ties prune the lower index first."""
-    scores = (w * w) / (diag * diag)[None, :]
+    scores = tl.div_rn(w * w, (diag * diag)[None, :])
     in_group = (cols >= start) & (cols < start + M)
     # rank of each column = how many group members are pruned before it (stable ascending order)
     rank = tl.zeros(w.shape, dtype=tl.int32)
@@ -68,8 +76,8 @@ def _obs_sweep_kernel(w_ptr, hinv_ptr, keep_ptr, q_ptr, err_ptr, loss_ptr, keep_
             d = tl.load(hinv_ptr + i * B + i)
             q_i = tl.where(kept_i, w_i, 0.0)
             delta = w_i - q_i
-            loss += (delta * delta) / (d * d) / 2
-            e_i = delta / d
+            loss += tl.div_rn(tl.div_rn(delta * delta, d * d), 2.0)
+            e_i = tl.div_rn(delta, d)
             q = tl.where(on_i, q_i[:, None], q)
             err = tl.where(on_i, e_i[:, None], err)
             h = tl.load(hinv_ptr + i * B + cols, mask=col_ok & (cols >= i), other=0.0)
@@ -115,7 +123,24 @@ def obs_sweep_triton(W1: torch.Tensor, Hinv1: torch.Tensor, keep: torch.Tensor, 
     # in registers next to the q/err/keep tiles.
     block_r = min(max(1, 2048 // block_b), triton.next_power_of_2(rows))
     grid = (triton.cdiv(rows, block_r),)
-    _obs_sweep_kernel[grid](W1, Hinv1, keep.view(torch.uint8), q, err, losses, keep_out.view(torch.uint8),
-                            rows, B, N=n if m else 0, M=m, GROUP=m if m else 1,
-                            BLOCK_R=block_r, BLOCK_B=block_b)
+    with _launch.on_device(W1):
+        _obs_sweep_kernel[grid](W1, Hinv1, keep.view(torch.uint8), q, err, losses, keep_out.view(torch.uint8),
+                                rows, B, N=n if m else 0, M=m, GROUP=m if m else 1,
+                                BLOCK_R=block_r, BLOCK_B=block_b, **LAUNCH_OPTIONS)
     return q, err, losses, keep_out
+
+
+def compile_ptx(B: int = 128, n: int = 2, m: int = 4, capability: int = 90, block_r: int = 16) -> str:
+    """The PTX of the sweep compiled for sm_<capability> with the launch options above; needs no GPU
+    (and must run without TRITON_INTERPRET=1, which replaces the kernel by the interpreter)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    block_b = max(16, triton.next_power_of_2(B))
+    signature = {"w_ptr": "*fp32", "hinv_ptr": "*fp32", "keep_ptr": "*u8", "q_ptr": "*fp32", "err_ptr": "*fp32",
+                 "loss_ptr": "*fp32", "keep_out_ptr": "*u8", "rows": "i32", "B": "i32", "N": "constexpr",
+                 "M": "constexpr", "GROUP": "constexpr", "BLOCK_R": "constexpr", "BLOCK_B": "constexpr"}
+    constexprs = {"N": n if m else 0, "M": m, "GROUP": m if m else 1, "BLOCK_R": block_r, "BLOCK_B": block_b}
+    source = ASTSource(fn=_obs_sweep_kernel, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=dict(LAUNCH_OPTIONS))
+    return compiled.asm["ptx"]

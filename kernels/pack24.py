@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _launch
+
 BLOCK_R = 16
 BLOCK_B = 32
 
@@ -101,8 +103,9 @@ def pack24(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     values = torch.empty(rows, k // 2, dtype=W.dtype, device=W.device)
     meta = torch.empty(rows, k // 8, dtype=torch.uint8, device=W.device)
     if W.numel():
-        _pack24_kernel[_grid(rows, k)](W.view(bits_dtype), values.view(bits_dtype), meta, rows, k,
-                                       MAG=mag, BR=BLOCK_R, BB=BLOCK_B)
+        with _launch.on_device(W):
+            _pack24_kernel[_grid(rows, k)](W.view(bits_dtype), values.view(bits_dtype), meta, rows, k,
+                                           MAG=mag, BR=BLOCK_R, BB=BLOCK_B)
     return values, meta
 
 
@@ -113,6 +116,7 @@ def unpack24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     bits_dtype, _ = _BITS[values.dtype]
     W = torch.empty(rows, k, dtype=values.dtype, device=values.device)
     if W.numel():
-        _unpack24_kernel[_grid(rows, k)](values.view(bits_dtype), meta, W.view(bits_dtype), rows, k,
-                                         BR=BLOCK_R, BB=BLOCK_B)
+        with _launch.on_device(values):
+            _unpack24_kernel[_grid(rows, k)](values.view(bits_dtype), meta, W.view(bits_dtype), rows, k,
+                                             BR=BLOCK_R, BB=BLOCK_B)
     return W

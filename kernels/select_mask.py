@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _launch
+
 # Rows up to this width stay in registers during the search; wider rows are re-read per step.
 MAX_ROW_BLOCK = 16384
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -123,8 +125,9 @@ def _launch_nm(src, sqrt_norm, n, m, fused):
         block_c = min(256, triton.next_power_of_2(width))
         block_r = max(1, min(16, 4096 // block_c))
         grid = (triton.cdiv(rows, block_r), triton.cdiv(width, block_c))
-        _nm_kernel[grid](src, sqrt_norm, keep, rows, width, N=n, M=m, FUSED=fused,
-                         BLOCK_R=block_r, BLOCK_C=block_c)
+        with _launch.on_device(src):
+            _nm_kernel[grid](src, sqrt_norm, keep, rows, width, N=n, M=m, FUSED=fused,
+                             BLOCK_R=block_r, BLOCK_C=block_c)
     return keep.view(torch.bool)
 
 
@@ -134,8 +137,9 @@ def _launch_rows(src, sqrt_norm, n_prune, fused, max_block):
         return torch.ones((rows, width), dtype=torch.bool, device=src.device)
     keep = torch.empty((rows, width), dtype=torch.uint8, device=src.device)
     block = min(triton.next_power_of_2(width), max_block)
-    _row_kernel[(rows,)](src, sqrt_norm, keep, width, n_prune, FUSED=fused, ONE_CHUNK=block >= width,
-                         BLOCK=block, num_warps=min(16, max(4, block // 1024)))
+    with _launch.on_device(src):
+        _row_kernel[(rows,)](src, sqrt_norm, keep, width, n_prune, FUSED=fused, ONE_CHUNK=block >= width,
+                             BLOCK=block, num_warps=min(16, max(4, block // 1024)))
     return keep.view(torch.bool)
 
 

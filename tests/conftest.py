@@ -27,3 +27,12 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_selfcheck():
+    """Each test starts with no self-check verdicts (ops/selfcheck.py keeps them for the process)."""
+    yield
+    from prunekit.ops import selfcheck
+
+    selfcheck.reset()

@@ -136,13 +136,20 @@ def test_outputs_identical_with_and_without_the_cache(unpack_calls, monkeypatch,
     assert torch.equal(without, reference)
 
 
-def test_inference_tensors_are_not_cached(unpack_calls, gen):
+def test_inference_tensors_are_cached_and_follow_mark_changed(unpack_calls, gen):
+    from prunekit.ops import _weight_cache
+
     with torch.inference_mode():
         layer = make_layer(16, 32, gen)
         x = torch.randn(3, 32, generator=gen)
-        ys = [layer(x) for _ in range(2)]
-    assert len(unpack_calls) == 2 and len(dense._unpacked) == 0  # no version counter: never stale, never kept
-    assert torch.equal(ys[0], ys[1])
+        ys = [layer(x) for _ in range(3)]
+        assert len(unpack_calls) == 1 and len(dense._unpacked) == 1  # storage + owned version: one copy
+        layer.values.mul_(2)  # invisible to torch's version counter (inference tensor) ...
+        _weight_cache.mark_changed(layer.values)  # ... so the owner says so
+        after = layer(x)
+    assert len(unpack_calls) == 2
+    assert torch.equal(ys[0], ys[2])
+    torch.testing.assert_close(after - layer.bias, 2 * (ys[0] - layer.bias))
 
 
 def test_cache_built_under_inference_mode_serves_autograd(unpack_calls, gen):

@@ -5,7 +5,10 @@ An entry is keyed weakly by the `values` tensor object (a SparseLinear's paramet
 weight. It is stale, and rebuilt on the next use, once values or meta change in place (version counters),
 move (device, dtype, shape, data pointer), or meta is replaced by another tensor (held by a weak reference:
 a replaced meta that was freed makes the entry stale even if the allocator gives its memory to the new one).
-Inference tensors have no version counter, so they are never cached: the caller builds a fresh copy.
+Inference tensors (weights made under `torch.inference_mode()`) have no version counter: they are keyed
+on their storage (device, dtype, shape, data pointer) plus a version this module owns, which the weight's
+owner bumps with `mark_changed(values)` after changing it in place (an in-place change inside
+inference_mode is invisible to torch). They are cached like any other weight, not rebuilt per call.
 """
 from __future__ import annotations
 
@@ -24,13 +27,29 @@ class _Entry:
     meta: weakref.ref
 
 
+_owned_versions = WeakIdKeyDictionary()  # tensor -> version bumped by mark_changed (inference tensors)
+
+
+def mark_changed(*tensors: torch.Tensor) -> None:
+    """Tells every cache that these tensors were changed in place (needed for inference tensors, whose
+    in-place changes torch does not count; harmless for others)."""
+    for t in tensors:
+        _owned_versions[t] = _owned_versions.get(t, 0) + 1
+
+
+def _version(t: torch.Tensor) -> tuple:
+    owned = _owned_versions.get(t, 0)
+    return (owned,) if t.is_inference() else (owned, t._version)
+
+
 def _source(values: torch.Tensor, meta: torch.Tensor) -> tuple:
-    return (values.device, values.dtype, tuple(values.shape), values.data_ptr(), values._version,
-            tuple(meta.shape), meta.data_ptr(), meta._version)
+    return (values.device, values.dtype, tuple(values.shape), values.data_ptr(), _version(values),
+            tuple(meta.shape), meta.data_ptr(), _version(meta))
 
 
 def cacheable(values: torch.Tensor, meta: torch.Tensor) -> bool:
-    return not (values.is_inference() or meta.is_inference())
+    """Every weight is: inference tensors are keyed on storage + the version mark_changed bumps."""
+    return True
 
 
 def capturing(t: torch.Tensor) -> bool:

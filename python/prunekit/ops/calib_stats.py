@@ -14,7 +14,12 @@ import logging
 import torch
 
 from ..ref import calib_stats as ref
-from . import _dispatch
+from . import _dispatch, selfcheck
+
+# Statistics differ from the fp32 reference only in summation order (~1e-6); the loose bound leaves room
+# for a reference run with TF32 allowed, and still catches a wrong kernel (errors of order 1).
+COMPARE = selfcheck.rows_within(5e-3)
+PROBE_ROWS = 64
 
 log = logging.getLogger("prunekit")
 
@@ -50,6 +55,13 @@ def _(x, norm_sq, nsamples, batch):
 @act_norm_sq_update.register_kernel("cuda")
 def _(x, norm_sq, nsamples, batch):
     _check(x, norm_sq, "activation norm", nsamples, batch)
+    return selfcheck.run("act_norm_sq_update", [selfcheck.Route("triton", _triton_norm_update)],
+                         ref.act_norm_sq_update, (x, norm_sq, nsamples, batch),
+                         probe=lambda: (selfcheck.head_rows(x, PROBE_ROWS), norm_sq, nsamples, batch),
+                         compare=COMPARE, device=x.device, dtype=x.dtype, shape_class=(x.shape[1],))
+
+
+def _triton_norm_update(x, norm_sq, nsamples, batch):
     from prunekit.kernels.calib_stats import sum_sq_triton
 
     total = nsamples + batch
@@ -80,6 +92,13 @@ def _(x, hessian, nsamples, batch):
         if x.dtype in HALF_DTYPES:
             log.debug("torch %s has no addmm out_dtype: Hessian accumulates in fp32", torch.__version__)
         return ref.hessian_update(x, hessian, nsamples, batch)
+    return selfcheck.run("hessian_update", [selfcheck.Route("tensor_core", _tensor_core_hessian)],
+                         ref.hessian_update, (x, hessian, nsamples, batch),
+                         probe=lambda: (selfcheck.head_rows(x, PROBE_ROWS), hessian, nsamples, batch),
+                         compare=COMPARE, device=x.device, dtype=x.dtype, shape_class=(x.shape[1],))
+
+
+def _tensor_core_hessian(x, hessian, nsamples, batch):
     total = nsamples + batch
     # One GEMM reads the bf16/fp16 activation directly; beta/alpha apply the running-mean rescaling
     # in the epilogue, so H is read and written once.

@@ -1,7 +1,8 @@
 """`prunekit::obs_sweep`: SparseGPT's in-block sweep as a custom op.
 
 CPU runs the C++ kernel (_C.obs_sweep). CUDA runs _C_cuda.obs_sweep when the build has it, else the
-Triton kernel (prunekit.kernels.obs_sweep); PRUNEKIT_SWEEP_BACKEND=triton|cuda forces one of them.
+Triton kernel (prunekit.kernels.obs_sweep); PRUNEKIT_SWEEP_BACKEND=triton|cuda forces one of them. Each is
+self-checked on first use (ops/selfcheck.py) and falls back to the next, then to the reference.
 The default body, used on any other device, is the reference (prunekit.ref.obs_sweep).
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 
 from .. import _native
 from ..ref import obs_sweep as _ref
-from . import _dispatch
+from . import _dispatch, selfcheck
 
 _BACKEND_ENV = "PRUNEKIT_SWEEP_BACKEND"
 
@@ -97,29 +98,62 @@ def _(W1, Hinv1, keep, n, m):
     return _native_sweep(_native.require_cpu_module(), W1, Hinv1, keep, n, m)
 
 
-def _cuda_kernel(W1, Hinv1, keep, n, m):
-    check_args(W1, Hinv1, keep, n, m)
-    backend = os.environ.get(_BACKEND_ENV, "").strip().lower()
-    if backend == "triton":
-        return _triton_sweep(W1, Hinv1, keep, n, m)
-    if backend not in ("", "auto", "cuda"):
-        raise ValueError(f"{_BACKEND_ENV}={backend!r}: expected 'cuda', 'triton' or 'auto'")
+def check_diag(Hinv1: torch.Tensor) -> None:
+    """diag(Hinv1) positive and finite, as the reference and the C++ kernel require (the GPU kernels would
+    silently produce NaN or a wrong mask). One host sync per block."""
+    diag = torch.diagonal(Hinv1)
+    if not bool((torch.isfinite(diag) & (diag > 0)).all()):
+        raise ValueError("obs_sweep: Hinv1 has a non-positive or non-finite diagonal entry "
+                         "(it is not an upper Cholesky factor of a positive definite H^-1)")
+
+
+def _cuda_sweep(mod, W1, Hinv1, keep, n, m):
+    with _dispatch.device_guard(W1.device):
+        return _native_sweep(mod, W1, Hinv1, keep, n, m, stream=_native.stream_of(W1))
+
+
+def _routes(backend: str) -> tuple[list[selfcheck.Route], str]:
+    """The GPU routes in order (CUDA, then Triton) that this build and PRUNEKIT_SWEEP_BACKEND allow, and
+    why Triton is missing when it is."""
+    routes = []
     mod = _native.cuda_module()
-    if mod is not None and hasattr(mod, "obs_sweep"):
-        with torch.cuda.device(W1.device):
-            return _native_sweep(mod, W1, Hinv1, keep, n, m, stream=_native.stream_of(W1))
+    if backend in ("", "auto", "cuda") and mod is not None and hasattr(mod, "obs_sweep"):
+        routes.append(selfcheck.Route("cuda", lambda *a: _cuda_sweep(mod, *a)))
     why_not_triton = f"not tried: {_BACKEND_ENV}=cuda"
     if backend != "cuda":
         launch, why_not_triton = _triton_launcher()
         if launch is not None:
-            return _triton_sweep(W1, Hinv1, keep, n, m)
-    if _dispatch.reference_allowed():
-        return _ref.obs_sweep(W1, Hinv1, keep, n, m)
-    if mod is None:
-        _dispatch.cuda_module_or_none("obs_sweep")  # raises the diagnosis of the missing CUDA build
-    raise RuntimeError("prunekit::obs_sweep: prunekit._C_cuda has no obs_sweep kernel (built from older "
-                       f"sources?) and the Triton sweep is unavailable ({why_not_triton}). Rebuild "
-                       "prunekit (pip install .), install triton, or set PRUNEKIT_ALLOW_REFERENCE=1.")
+            routes.append(selfcheck.Route("triton", _triton_sweep))
+    return routes, why_not_triton
+
+
+# Masks must be identical; values, errors and losses to fp32 rounding (the kernels follow the reference's
+# operation order, so in practice they are identical too).
+COMPARE = selfcheck.rows_within(1e-4, exact_outputs=(3,))
+PROBE_ROWS = 8
+
+
+def _cuda_kernel(W1, Hinv1, keep, n, m):
+    check_args(W1, Hinv1, keep, n, m)
+    backend = os.environ.get(_BACKEND_ENV, "").strip().lower()
+    if backend not in ("", "auto", "cuda", "triton"):
+        raise ValueError(f"{_BACKEND_ENV}={backend!r}: expected 'cuda', 'triton' or 'auto'")
+    check_diag(Hinv1)
+    routes, why_not_triton = _routes(backend)
+    if not routes and not _dispatch.reference_allowed():
+        if _native.cuda_module() is None and backend != "triton":
+            _dispatch.cuda_module_or_none("obs_sweep")  # raises the diagnosis of the missing CUDA build
+        if backend == "triton":
+            raise RuntimeError("prunekit::obs_sweep: PRUNEKIT_SWEEP_BACKEND=triton but the Triton sweep "
+                               f"(prunekit.kernels.obs_sweep) did not load: {why_not_triton}")
+        raise RuntimeError("prunekit::obs_sweep: no GPU sweep is available (prunekit._C_cuda has no obs_sweep "
+                           f"kernel or {_BACKEND_ENV}={backend!r} excludes it; Triton: {why_not_triton}). "
+                           "Rebuild prunekit (pip install .), install triton, or set PRUNEKIT_ALLOW_REFERENCE=1.")
+    args = (W1, Hinv1, keep, n, m)
+    return selfcheck.run(
+        "obs_sweep", routes, _ref.obs_sweep, args,
+        probe=lambda: (selfcheck.head_rows(W1, PROBE_ROWS), Hinv1, selfcheck.head_rows(keep, PROBE_ROWS), n, m),
+        compare=COMPARE, device=W1.device, dtype=W1.dtype, shape_class=(W1.shape[1], n, m))
 
 
 obs_sweep.register_kernel("cuda")(_cuda_kernel)

@@ -9,6 +9,7 @@ import torch
 
 from .. import _native
 from ..ref import pack24 as ref
+from . import selfcheck
 from ._dispatch import contiguous
 
 
@@ -98,11 +99,30 @@ def triton_unpack24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     return kernel.unpack24(contiguous(values), contiguous(meta))
 
 
+PROBE_ROWS = 4  # rows are packed independently
+
+
+def checked_pack24(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton pack, self-checked on first use (exact, ops/selfcheck.py); the reference when disabled."""
+    ref.check_packable(W)
+    return selfcheck.run("pack24", [selfcheck.Route("triton", triton_pack24)], ref.pack24, (W,),
+                         probe=lambda: (selfcheck.head_rows(W, PROBE_ROWS),), compare=selfcheck.exact,
+                         device=W.device, dtype=W.dtype, shape_class=(W.shape[1],))
+
+
+def checked_unpack24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    ref.check_packed(values, meta)
+    return selfcheck.run("unpack24", [selfcheck.Route("triton", triton_unpack24)], ref.unpack24, (values, meta),
+                         probe=lambda: (selfcheck.head_rows(values, PROBE_ROWS), selfcheck.head_rows(meta, PROBE_ROWS)),
+                         compare=selfcheck.exact, device=values.device, dtype=values.dtype,
+                         shape_class=(2 * values.shape[1],))
+
+
 @pack24.register_kernel("cuda")
 def _(W):
-    return triton_pack24(W)
+    return checked_pack24(W)
 
 
 @unpack24.register_kernel("cuda")
 def _(values, meta):
-    return triton_unpack24(values, meta)
+    return checked_unpack24(values, meta)

@@ -18,7 +18,7 @@ import torch
 
 from .. import _native, _validate
 from ..ref import selection
-from . import _dispatch
+from . import _dispatch, selfcheck
 
 log = logging.getLogger("prunekit")
 
@@ -69,6 +69,17 @@ def _triton_kernels_or_none(op: str):
                        "triton, or set PRUNEKIT_ALLOW_REFERENCE=1 to run the PyTorch reference.")
 
 
+PROBE_ROWS = 4  # rows are selected independently, so a few rows of the real input are a fair probe
+
+
+def _checked(op: str, kernel, reference, src: torch.Tensor, shape_class) -> torch.Tensor:
+    """The Triton kernel, self-checked on first use against the reference (exact) on a few rows of src;
+    the reference when the kernel is disabled (ops/selfcheck.py)."""
+    return selfcheck.run(op, [selfcheck.Route("triton", kernel)], reference, (src,),
+                         probe=lambda: (selfcheck.head_rows(src, PROBE_ROWS),), compare=selfcheck.exact,
+                         device=src.device, dtype=src.dtype, shape_class=shape_class)
+
+
 def _new_mask(like: torch.Tensor) -> torch.Tensor:
     return torch.empty(like.shape, dtype=torch.bool, device=like.device)
 
@@ -108,7 +119,9 @@ def _(scores, sparsity):
     kernels = _triton_kernels_or_none("row_keep_mask")
     if kernels is None or scores.dtype not in _KERNEL_DTYPES:
         return selection.row_keep_mask(scores, sparsity)
-    return kernels.row_keep_mask_triton(_dispatch.contiguous(scores), sparsity)
+    return _checked("row_keep_mask", lambda s: kernels.row_keep_mask_triton(s, sparsity),
+                    lambda s: selection.row_keep_mask(s, sparsity), _dispatch.contiguous(scores),
+                    shape_class=(scores.shape[1], sparsity))
 
 
 # ---- nm_keep_mask ----
@@ -148,7 +161,9 @@ def _(scores, n, m):
     kernels = _triton_kernels_or_none("nm_keep_mask")
     if kernels is None or scores.dtype not in _KERNEL_DTYPES:
         return selection.nm_keep_mask(scores, n, m)
-    return kernels.nm_keep_mask_triton(_dispatch.contiguous(scores), n, m)
+    return _checked("nm_keep_mask", lambda s: kernels.nm_keep_mask_triton(s, n, m),
+                    lambda s: selection.nm_keep_mask(s, n, m), _dispatch.contiguous(scores),
+                    shape_class=(scores.shape[1], n, m))
 
 
 # ---- wanda_keep_mask ----
@@ -189,7 +204,9 @@ def _(W, act_norm_sq, sparsity, n, m):
     kernels = _triton_kernels_or_none("wanda_keep_mask")
     if kernels is None or W.dtype not in _KERNEL_DTYPES:
         return _wanda_reference(W, act_norm_sq, sparsity, n, m)
-    return kernels.wanda_keep_mask_triton(_dispatch.contiguous(W), act_norm_sq, sparsity, n, m)
+    return _checked("wanda_keep_mask", lambda w: kernels.wanda_keep_mask_triton(w, act_norm_sq, sparsity, n, m),
+                    lambda w: _wanda_reference(w, act_norm_sq, sparsity, n, m), _dispatch.contiguous(W),
+                    shape_class=(W.shape[1], sparsity, n, m))
 
 
 # ---- tensor_keep_mask ----

@@ -19,7 +19,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from . import _weight_cache
+from ..ref import pack24 as ref_pack
+from . import _weight_cache, selfcheck
 
 ENV = "PRUNEKIT_SPARSE24_DENSE_CACHE"
 
@@ -37,10 +38,33 @@ def unpack(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     """The dense [out, in] weight, not cached. CUDA: the Triton kernel without re-validating meta (a host
     sync per call, and no graph capture; SparseLinear and io.load validate it once). CPU: the C++ op."""
     if values.is_cuda:
-        from ..kernels import pack24 as unpack_kernel
-
-        return unpack_kernel.unpack24(values.contiguous(), meta.contiguous())
+        return _unpack_gpu(values.contiguous(), meta.contiguous())
     return torch.ops.prunekit.unpack24(values, meta)
+
+
+def _unpack_triton(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    from ..kernels import pack24 as unpack_kernel
+
+    return unpack_kernel.unpack24(values, meta)
+
+
+def unpack_torch(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """The reference unpack without the nibble validation (no host sync: safe inside a graph capture)."""
+    rows, half = values.shape
+    nib = ref_pack.nibbles(meta).reshape(rows, half // 2)
+    pos = torch.stack((nib & 3, nib >> 2), dim=-1)
+    bits = ref_pack.as_bits(values).reshape(rows, half // 2, 2)
+    out = torch.zeros(rows, half // 2, 4, dtype=bits.dtype, device=values.device)
+    return out.scatter_(-1, pos, bits).reshape(rows, 2 * half).view(values.dtype)
+
+
+def _unpack_gpu(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """The Triton unpack, self-checked on first use against the reference on a few rows (ops/selfcheck.py);
+    the torch unpack when it is disabled (or unchecked inside a graph capture)."""
+    return selfcheck.run("unpack24", [selfcheck.Route("triton", _unpack_triton)], unpack_torch, (values, meta),
+                         probe=lambda: (selfcheck.head_rows(values, 4), selfcheck.head_rows(meta, 4)),
+                         compare=selfcheck.exact, device=values.device, dtype=values.dtype,
+                         shape_class=(2 * values.shape[1],))
 
 
 def weight(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import _native
-from ..kernels import pack24 as unpack_kernel
-from . import _dispatch, _weight_cache
+from . import _dispatch, _weight_cache, sparse24_dense
 
 MIN_TOKENS = 128  # below this, the decode kernel or dense wins (DESIGN.md §6); the dispatcher times it
 _BF16_FP16 = (torch.bfloat16, torch.float16)
@@ -68,7 +67,7 @@ def compress(values: torch.Tensor, meta: torch.Tensor) -> Sm90Weight:
     N, K = values.shape[0], 2 * values.shape[1]
     code = _native.dtype_code(values, "values")
     compressed_bytes, metadata_bytes, workspace_bytes = mod.sparse24_sm90_sizes(N, K, code)
-    dense = unpack_kernel.unpack24(values.contiguous(), meta.contiguous())  # at most 2 nonzeros per group
+    dense = sparse24_dense.unpack(values, meta)  # at most 2 nonzeros per group (self-checked Triton unpack)
     device = values.device
     compressed = torch.zeros(compressed_bytes, dtype=torch.uint8, device=device)
     metadata = torch.zeros(metadata_bytes, dtype=torch.uint8, device=device)
@@ -102,21 +101,19 @@ def linear(x2d: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: to
     weight = prepared(values, meta)
     M, K = x2d.shape
     N = values.shape[0]
-    x2d = x2d.contiguous()
-    if x2d.data_ptr() % 16:
-        x2d = x2d.clone()
-    if bias is not None:
-        bias = bias.contiguous()
-        if bias.data_ptr() % 16:
-            bias = bias.clone()
+    if not x2d.is_contiguous() or x2d.data_ptr() % 16:
+        x2d = x2d.clone(memory_format=torch.contiguous_format)
+    if bias is not None and (not bias.is_contiguous() or bias.data_ptr() % 16):
+        bias = bias.clone(memory_format=torch.contiguous_format)
     code = _native.dtype_code(x2d, "x")
     device = x2d.device
     workspace_bytes = _workspace_bytes(device, M, N, K, code)
-    workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=device) if workspace_bytes else None
     y = torch.empty(M, N, dtype=x2d.dtype, device=device)
-    with torch.cuda.device(device):  # the launch (and CUTLASS's device queries) use the current device
+    with _dispatch.device_guard(device):  # the launch (and CUTLASS's device queries) use the current device
+        stream = _native.stream_of(x2d)
+        workspace = _dispatch.workspace(device, stream, workspace_bytes) if workspace_bytes else None
         mod.sparse24_sm90_gemm(x2d.data_ptr(), weight.compressed.data_ptr(), weight.metadata.data_ptr(),
                                0 if bias is None else bias.data_ptr(), y.data_ptr(),
                                0 if workspace is None else workspace.data_ptr(), workspace_bytes, M, N, K, code,
-                               _dispatch.sm_count(device), _native.stream_of(x2d))
+                               _dispatch.sm_count(device), stream)
     return y

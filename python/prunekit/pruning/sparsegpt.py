@@ -61,7 +61,9 @@ def _try_factor(H: torch.Tensor, percdamp: float, dtype: torch.dtype):
     pivots = U.diagonal().reciprocal().square()
     resolution = (1e-6 if dtype == torch.float32 else 1e-12) * torch.mean(torch.diagonal(Hd))
     floor = torch.maximum(0.1 * damp, resolution)
-    if not bool(torch.isfinite(U).all()) or not bool((pivots >= floor).all()):
+    # diag(U) positive and finite too: the GPU sweeps would otherwise give NaN or wrong masks silently.
+    if (not bool(torch.isfinite(U).all()) or not bool((U.diagonal() > 0).all())
+            or not bool((pivots >= floor).all())):
         return None, float(damp)
     return U.float(), float(damp)
 

@@ -280,3 +280,12 @@ def test_cli_prune_structured(tmp_path, capsys):
     assert cli.main(["prune-structured", "--model", str(tmp_path / "dense"), "--heads", "0.5",
                      "--importance", "taylor", "--out", str(tmp_path / "x")]) == 1
     assert "needs --calib" in capsys.readouterr().err
+
+
+def test_rounding_is_reported_and_warned():
+    model = tiny_model("llama")  # 2 key/value groups: heads=0.25 can only remove one of them (0.5)
+    with pytest.warns(UserWarning, match=r"heads=0.25 of 2 key/value head groups rounds to removing 1 \(0.5 instead of 0.25\)"):
+        report = pk.prune_structured(model, heads=0.25, mlp=0.25)
+    assert report.removed == {"heads": (0.25, 0.5), "mlp": (0.25, 0.25)}
+    assert len(report.notes) == 1 and "note: heads=0.25" in str(report)
+    assert model.config.num_key_value_heads == 1

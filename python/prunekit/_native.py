@@ -75,14 +75,19 @@ def backends() -> dict[str, dict[str, object]]:
     cpu = cpu_module()
     report["cpu"] = {"available": cpu is not None, "reason": _errors.get("_C", "")}
     cuda = cuda_module()
-    cuda_info: dict[str, object] = {"available": cuda is not None, "reason": _errors.get("_C_cuda", "")}
-    if cuda is not None:
+    cuda_info: dict[str, object] = {"available": False, "compiled": cuda is not None,
+                                    "reason": _errors.get("_C_cuda", "")}
+    if cuda is not None:  # built with CUDA; available only where a device answers
         cuda_info["runtime_version"] = cuda.CUDA_RUNTIME_VERSION
         try:
             cuda_info["devices"] = cuda.device_count()
         except RuntimeError as exc:
             cuda_info["devices"] = 0
-            cuda_info["reason"] = str(exc)
+            cuda_info["reason"] = f"no usable CUDA device (no GPU or NVIDIA driver here?): {exc}"
+        else:
+            cuda_info["available"] = cuda_info["devices"] > 0
+            if not cuda_info["available"]:
+                cuda_info["reason"] = "built with CUDA, but no CUDA device is visible"
         if hasattr(cuda, "sparse24_sm90_compiled"):  # the Hopper 2:4 prefill GEMM needs CUTLASS at build time
             cuda_info["sparse24_sm90"] = {"available": bool(cuda.sparse24_sm90_compiled()),
                                           "reason": cuda.sparse24_sm90_reason()}

@@ -1,4 +1,9 @@
-"""The `prunekit` command: prune / eval a local Hugging Face checkpoint, run the demo, list backends."""
+"""The `prunekit` command: prune / eval a local Hugging Face checkpoint, run the demo, list backends.
+
+Every argument (paths, device, sparsity, sizes) is checked before a model is loaded; a problem is
+reported as one line (`prunekit: error: ...`, exit status 1; 2 for a malformed command line). Ctrl-C
+ends with one line (status 130), SIGTERM too (143); an interrupted write leaves no partial output.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,10 +12,11 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 
-from .pipeline import METHODS, make_method
+from .pipeline import METHODS
 from .report import private_name
 
 
@@ -18,35 +24,111 @@ class CLIError(Exception):
     """A problem with the user's input, reported as one line without a traceback."""
 
 
+class _Terminated(BaseException):
+    """Raised by the SIGTERM handler so that cleanup (`finally`, temporary folders) runs."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    previous = _on_sigterm()
     try:
         return args.run(args)
-    except (CLIError, ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError) as exc:
-        print(f"prunekit: error: {exc}", file=sys.stderr)
+    except (CLIError, ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError,
+            NotADirectoryError, PermissionError) as exc:
+        _say(f"error: {exc}")
         return 1
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return 130
+    except _Terminated:
+        _say("terminated")
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _say(message: str) -> None:
+    print("prunekit: " + " ".join(str(message).split()), file=sys.stderr)
+
+
+def _on_sigterm():
+    """Turns SIGTERM into an exception (main thread only); returns the handler it replaced."""
+    def handler(signum, frame):
+        raise _Terminated()
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not the usage block
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text[:-1]) / 100 if text.strip().endswith("%") else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1) like 0.25 or '25%', got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prunekit", description=__doc__)
+    parser = _Parser(prog="prunekit", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = commands.add_parser("prune", help="prune a local Hugging Face checkpoint")
     p.add_argument("--model", required=True, help="checkpoint directory (save_pretrained layout)")
     p.add_argument("--method", required=True, choices=sorted(METHODS))
-    p.add_argument("--sparsity", required=True, help="a fraction (0.5, 50%%) or N:M (2:4)")
-    p.add_argument("--calib", required=True, help="UTF-8 text file of calibration text")
-    p.add_argument("--out", required=True, help="output directory (written atomically)")
-    p.add_argument("--n-samples", type=int, default=128, help="calibration windows (default 128)")
-    p.add_argument("--seq-len", type=int, default=None,
+    p.add_argument("--sparsity", required=True, help="a fraction in [0, 1) (0.5, 50%%) or N:M (2:4)")
+    p.add_argument("--calib", default=None,
+                   help="UTF-8 text file of calibration text, read as given (required for wanda and "
+                        "sparsegpt; for magnitude only to measure the reconstruction error)")
+    p.add_argument("--out", required=True, help="output directory (written atomically; not --model)")
+    p.add_argument("--n-samples", type=_positive, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seq-len", type=_positive, default=None,
                    help="tokens per window (default: the model's maximum, at most 2048)")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward (default 1)")
-    p.add_argument("--include", nargs="+", default=None, help="layer-name patterns to prune")
-    p.add_argument("--exclude", nargs="+", default=None, help="layer-name patterns to keep dense")
-    p.add_argument("--device", default=None, help="where to compute (e.g. cuda); default: cpu")
+    p.add_argument("--batch-size", type=_positive, default=1, help="windows per forward (default 1)")
+    p.add_argument("--blocksize", type=_positive, default=None,
+                   help="sparsegpt: columns per block (default 128)")
+    p.add_argument("--include", nargs="+", default=None,
+                   help="layer-name patterns to prune (shell globs; 're:' prefix for a regular expression)")
+    p.add_argument("--exclude", nargs="+", default=None, help="layer-name patterns to keep dense (as --include)")
+    p.add_argument("--owl", nargs="?", const=0.08, type=float, default=None, metavar="LAMBDA",
+                   help="per-block sparsity from outlier ratios (OWL); LAMBDA is the spread (default 0.08)")
+    p.add_argument("--allocation", default=None, metavar="RULES.json",
+                   help="per-layer sparsity: a JSON object {layer-name pattern: sparsity}, first match wins")
+    p.add_argument("--quant-bits", type=int, default=None,
+                   help="sparsegpt: quantize jointly to this many bits (2..8); the saved weights are the "
+                        "dequantized values")
+    p.add_argument("--quant-groupsize", type=int, default=-1, help="input columns per scale (-1: per row)")
+    p.add_argument("--recover-steps", type=_positive, default=None,
+                   help="after pruning, distill from the dense model for this many steps on the "
+                        "calibration windows (holds a dense copy in memory)")
+    p.add_argument("--recover-lr", type=float, default=2e-5, help="learning rate of --recover-steps")
+    p.add_argument("--format", choices=["hf", "sparse24"], default="hf",
+                   help="hf: save_pretrained layout (dense tensors, loads with from_pretrained; default); "
+                        "sparse24: also write prunekit's compressed 2:4 file (needs a 2:4 pattern; "
+                        "load with prunekit.load)")
+    p.add_argument("--device", default=None, help="where to compute (cpu, cuda, cuda:1, ...); default: cpu")
     p.add_argument("--offload", action="store_true", help="keep the model on CPU, one block on --device")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -55,31 +137,33 @@ def _parser() -> argparse.ArgumentParser:
 
     s = commands.add_parser("prune-structured", help="remove attention heads / MLP channels (model shrinks)")
     s.add_argument("--model", required=True, help="checkpoint directory (save_pretrained layout)")
-    s.add_argument("--heads", type=float, default=0.0, help="fraction of KV head groups to remove per block")
-    s.add_argument("--mlp", type=float, default=0.0, help="fraction of MLP channels to remove per block")
+    s.add_argument("--heads", type=_fraction, default=0.0, help="fraction of KV head groups to remove per block")
+    s.add_argument("--mlp", type=_fraction, default=0.0, help="fraction of MLP channels to remove per block")
     s.add_argument("--importance", default="l2", choices=["l1", "l2", "taylor", "activation"])
-    s.add_argument("--round-to", type=int, default=1, help="keep MLP widths a multiple of this (e.g. 64)")
-    s.add_argument("--calib", default=None, help="calibration text file (taylor / activation)")
-    s.add_argument("--n-samples", type=int, default=32, help="calibration windows (default 32)")
-    s.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: model max, ≤2048)")
-    s.add_argument("--out", required=True, help="output directory (written atomically)")
+    s.add_argument("--round-to", type=_positive, default=1, help="keep MLP widths a multiple of this (e.g. 64)")
+    s.add_argument("--calib", default=None, help="calibration text file, read as given (taylor / activation)")
+    s.add_argument("--n-samples", type=_positive, default=32, help="calibration windows (default 32)")
+    s.add_argument("--seq-len", type=_positive, default=None, help="tokens per window (default: model max, ≤2048)")
+    s.add_argument("--out", required=True, help="output directory (written atomically; not --model)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     s.set_defaults(run=_prune_structured)
 
     e = commands.add_parser("eval", help="perplexity (causal LMs) and sparsity of a checkpoint")
     e.add_argument("--model", required=True, help="checkpoint directory")
-    e.add_argument("--data", required=True, help="UTF-8 text file to evaluate on")
-    e.add_argument("--seq-len", type=int, default=None, help="window length (default: model maximum, ≤2048)")
-    e.add_argument("--batch-size", type=int, default=1, help="windows per forward (default 1)")
+    e.add_argument("--data", required=True,
+                   help="UTF-8 text file: perplexity is measured on its text exactly as given (no line "
+                        "stripping or joining); with --reference each non-empty line is one sentence")
+    e.add_argument("--seq-len", type=_positive, default=None, help="window length (default: model maximum, ≤2048)")
+    e.add_argument("--batch-size", type=_positive, default=1, help="windows per forward (default 1)")
     e.add_argument("--reference", default=None,
                    help="dense checkpoint to compare sentence embeddings with (encoders)")
-    e.add_argument("--device", default=None)
+    e.add_argument("--device", default=None, help="where to compute (cpu, cuda, cuda:1, ...)")
     e.add_argument("--json", action="store_true", help="print the results as JSON")
     e.set_defaults(run=_eval)
 
     d = commands.add_parser("demo", help="prune all-MiniLM-L6-v2 with each method and compare fidelity")
-    d.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    d.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
     d.set_defaults(run=_demo)
 
     b = commands.add_parser("backends", help="which native/Triton/CUDA paths are live")
@@ -87,17 +171,130 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# ------------------------------------------------------------------------------- argument checks
+def _check_checkpoint(path: str, flag: str = "--model") -> None:
+    if not os.path.exists(path):
+        raise CLIError(f"{flag} {path!r} does not exist")
+    if not os.path.isdir(path):
+        raise CLIError(f"{flag} {path!r} is not a directory (expected a save_pretrained checkpoint folder)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise CLIError(f"{flag} {path!r} has no config.json; expected a save_pretrained checkpoint folder")
+
+
+def _check_text_file(path: str | None, flag: str) -> None:
+    if path is None:
+        return
+    if not os.path.isfile(path):
+        raise CLIError(f"{flag} {path!r} is not a file" if os.path.exists(path) else f"{flag} {path!r} does not exist")
+    if not os.access(path, os.R_OK):
+        raise CLIError(f"{flag} {path!r} is not readable")
+
+
+def _check_out(out: str, model: str, overwrite: bool) -> str:
+    out = os.path.abspath(out)
+    real_out, real_model = os.path.realpath(out), os.path.realpath(model)
+    if real_out == real_model:
+        raise CLIError(f"--out {out!r} is the --model folder; write the result somewhere else")
+    if os.path.commonpath([real_out, real_model]) == real_out:
+        raise CLIError(f"--out {out!r} contains --model; replacing it would delete the model being read")
+    if os.path.exists(out) and not overwrite:
+        raise CLIError(f"--out {out!r} already exists; pass --overwrite to replace it")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CLIError(f"--out {out!r} exists and is not a directory")
+    parent = os.path.dirname(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(f"--out {out!r}: cannot create it ({parent!r} is not a writable directory)")
+    return out
+
+
+def check_device(text: str | None):
+    """A torch.device for --device, or a CLIError saying why it cannot be used here."""
+    import torch
+
+    if text is None:
+        return None
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device {text!r} is not a device; expected cpu, cuda, cuda:N, mps, ...") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "meta":
+        raise CLIError("--device meta holds no data; choose cpu or an accelerator")
+    if device.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise CLIError(f"--device {text}: this PyTorch ({torch.__version__}) is built without CUDA; "
+                           f"install a CUDA build of torch or use --device cpu")
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {text}: no CUDA device is available here (no GPU or NVIDIA driver)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {text}: there are {torch.cuda.device_count()} CUDA device(s)")
+        return device
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if device.type == "mps":
+        available = torch.backends.mps.is_available
+    if available is None or not available():
+        raise CLIError(f"--device {text}: {device.type} is not available in this PyTorch ({torch.__version__})")
+    return device
+
+
+def _method(args):
+    """The pruning method from --method/--sparsity/--blocksize/--quant-*, before any model is loaded."""
+    import prunekit as pk
+
+    if args.blocksize is not None and args.method != "sparsegpt":
+        raise CLIError("--blocksize applies to --method sparsegpt only")
+    if args.quant_bits is not None and args.method != "sparsegpt":
+        raise CLIError("--quant-bits: joint quantization is done by --method sparsegpt only")
+    if args.quant_bits is None and args.quant_groupsize != -1:
+        raise CLIError("--quant-groupsize needs --quant-bits")
+    if args.method != "sparsegpt":
+        return getattr(pk, METHODS[args.method])(args.sparsity)
+    kwargs = {}
+    if args.blocksize is not None:
+        kwargs["blocksize"] = args.blocksize
+    if args.quant_bits is not None:
+        kwargs["quant"] = pk.QuantSpec(bits=args.quant_bits, groupsize=args.quant_groupsize)
+    return pk.SparseGPT(args.sparsity, **kwargs)
+
+
+def _allocation(args, method):
+    import prunekit as pk
+
+    if args.owl is not None and args.allocation is not None:
+        raise CLIError("--owl and --allocation are alternatives; give one")
+    if method.pattern.is_nm and (args.owl is not None or args.allocation is not None):
+        raise CLIError(f"--owl / --allocation vary an unstructured sparsity; {method.pattern} is N:M")
+    if args.owl is not None:
+        return pk.OWL(lam=args.owl)
+    if args.allocation is None:
+        return None
+    _check_text_file(args.allocation, "--allocation")
+    try:
+        with open(args.allocation, encoding="utf-8") as f:
+            rules = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise CLIError(f"--allocation {args.allocation!r} is not valid JSON ({exc})") from None
+    if not isinstance(rules, dict):
+        raise CLIError(f"--allocation {args.allocation!r}: expected a JSON object {{pattern: sparsity}}")
+    return pk.LayerSparsity(rules)
+
+
 # --------------------------------------------------------------------------------- checkpoints
 def load_checkpoint(path: str, device=None):
     """(model, tokenizer) from a local checkpoint directory, as a causal LM when it is one."""
-    if not os.path.isdir(path):
-        raise CLIError(f"--model {path!r} is not a directory")
+    _check_checkpoint(path)
     try:
         import transformers
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     except ImportError:
         raise CLIError("loading checkpoints needs transformers: pip install 'prunekit[hf]'") from None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not _progress():  # transformers' own bars (loading, saving) follow the same rule as prunekit's
+        transformers.utils.logging.disable_progress_bar()
     try:
         config = AutoConfig.from_pretrained(path)
         causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or []))
@@ -129,40 +326,79 @@ def _default_seq_len(model, requested: int | None) -> int:
     return min(limit, 2048) if limit else 2048
 
 
+def _progress() -> bool:
+    return sys.stderr.isatty()
+
+
 # ------------------------------------------------------------------------------------- prune
 def _prune(args) -> int:
+    _check_checkpoint(args.model)
+    out = _check_out(args.out, args.model, args.overwrite)
+    _check_text_file(args.calib, "--calib")
+    if args.calib is None and args.method != "magnitude":
+        raise CLIError(f"--method {args.method} needs calibration text: pass --calib FILE")
+    if args.calib is None and args.recover_steps is not None:
+        raise CLIError("--recover-steps trains on the calibration text: pass --calib FILE")
+    device = check_device(args.device)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise CLIError("--plot needs matplotlib: pip install 'prunekit[plot]'")
+    method = _method(args)
+    allocation = _allocation(args, method)
+    if args.format == "sparse24" and not (method.pattern.is_nm and (method.pattern.n, method.pattern.m) == (2, 4)):
+        raise CLIError(f"--format sparse24 stores 2:4 weights; --sparsity {args.sparsity} is not 2:4")
+
     from . import data
     from .pipeline import prune
 
-    out = os.path.abspath(args.out)
-    if os.path.exists(out) and not args.overwrite:
-        raise CLIError(f"--out {out!r} already exists; pass --overwrite to replace it")
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
-        raise CLIError("--plot needs matplotlib: pip install 'prunekit[plot]'")
-    method = make_method(args.method, args.sparsity)
     model, tokenizer = load_checkpoint(args.model)
     seq_len = _default_seq_len(model, args.seq_len)
-    calibration = data.from_file(tokenizer, args.calib, args.n_samples, seq_len, args.seed)
+    calibration = None
+    if args.calib is not None:
+        calibration = data.from_file(tokenizer, args.calib, args.n_samples, seq_len, args.seed)
+    teacher = None
+    if args.recover_steps is not None:
+        import copy
+        teacher = copy.deepcopy(model)
     report = prune(model, method, calibration, include=args.include, exclude=args.exclude,
-                   offload=args.offload, device=args.device, seed=args.seed, batch_size=args.batch_size,
-                   progress=sys.stderr.isatty())
-    _write_atomically(out, lambda folder: _save(folder, model, tokenizer, report, args.plot))
+                   offload=args.offload, device=device, seed=args.seed, batch_size=args.batch_size,
+                   progress=_progress(), allocation=allocation)
+    if teacher is not None:
+        from .train.distill import recover
+
+        if device is not None:
+            model.to(device)
+            teacher.to(device)
+        recover(model, teacher, calibration, args.recover_steps, args.recover_lr, batch_size=args.batch_size,
+                include=args.include, exclude=args.exclude, progress=_progress())
+        model.to("cpu")
+        del teacher
+    _write_atomically(out, lambda folder: _save(folder, model, tokenizer, report, args.plot, args.format))
     print(report)
     print(f"wrote {out}")
     return 0
 
 
-def _save(folder: str, model, tokenizer, report, plot: bool) -> None:
+def _save(folder: str, model, tokenizer, report, plot: bool, fmt: str = "hf") -> None:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     report.to_json(os.path.join(folder, "report.json"))
     if plot:
         report.plot(os.path.join(folder, "report.png"))
+    if fmt == "sparse24":
+        import copy
+
+        from . import io
+        from .nn.swap import sparsify
+
+        packed = copy.deepcopy(model)
+        sparsify(packed)
+        io.save(packed, os.path.join(folder, "sparse24"))
 
 
 def _write_atomically(out: str, write) -> None:
     """Writes into a temporary sibling directory, then renames it to `out`: the output appears
-    complete or not at all. An existing `out` (with --overwrite) is swapped out, then removed."""
+    complete or not at all. An existing `out` (with --overwrite) is swapped out, then removed.
+    An interruption (Ctrl-C, SIGTERM through main) removes the temporary directory."""
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = private_name(parent, f".{os.path.basename(out)}.tmp-")
@@ -182,14 +418,15 @@ def _write_atomically(out: str, write) -> None:
 
 
 def _prune_structured(args) -> int:
+    _check_checkpoint(args.model)
+    out = _check_out(args.out, args.model, args.overwrite)
+    _check_text_file(args.calib, "--calib")
+    if args.importance in ("taylor", "activation") and args.calib is None:
+        raise CLIError(f"--importance {args.importance} needs --calib")
+
     from . import data
     from .pruning.structured import prune_structured
 
-    out = os.path.abspath(args.out)
-    if os.path.exists(out) and not args.overwrite:
-        raise CLIError(f"--out {out!r} already exists; pass --overwrite to replace it")
-    if args.importance in ("taylor", "activation") and args.calib is None:
-        raise CLIError(f"--importance {args.importance} needs --calib")
     model, tokenizer = load_checkpoint(args.model)
     calibration = None
     if args.calib is not None:
@@ -212,17 +449,24 @@ def _prune_structured(args) -> int:
 
 # -------------------------------------------------------------------------------------- eval
 def _eval(args) -> int:
+    _check_checkpoint(args.model)
+    _check_text_file(args.data, "--data")
+    if args.reference is not None:
+        _check_checkpoint(args.reference, "--reference")
+    device = check_device(args.device)
+
     from . import data, eval as pk_eval
 
-    model, tokenizer = load_checkpoint(args.model, args.device)
+    model, tokenizer = load_checkpoint(args.model, device)
     results: dict[str, object] = {"model": args.model, "sparsity": pk_eval.sparsity(model).total}
     if hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None:
         seq_len = _default_seq_len(model, args.seq_len)
-        tokens = data.tokenize(tokenizer, data.read_texts(args.data))
+        tokens = data.tokenize(tokenizer, data.read_text(args.data))
         results["seq_len"] = seq_len
-        results["perplexity"] = pk_eval.perplexity(model, tokens, seq_len=seq_len, batch_size=args.batch_size)
+        results["perplexity"] = pk_eval.perplexity(model, tokens, seq_len=seq_len, batch_size=args.batch_size,
+                                                   progress=_progress())
     if args.reference is not None:
-        dense, _ = load_checkpoint(args.reference, args.device)
+        dense, _ = load_checkpoint(args.reference, device)
         batches = data.encode_sentences(tokenizer, data.read_texts(args.data))
         results.update(pk_eval.embedding_fidelity(dense, model, batches))
     if args.json:

@@ -14,8 +14,20 @@ _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
 
 # ------------------------------------------------------------------------------------ sources
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 text file's content exactly as given (no stripping, blank lines kept): what perplexity
+    and calibration read, so a number measured here matches one measured on the raw file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"text file {os.fspath(path)!r} does not exist")
+    with open(path, encoding="utf-8", newline="") as f:
+        text = f.read()
+    if not text.strip():
+        raise ValueError(f"text file {os.fspath(path)!r} has no text")
+    return text
+
+
 def read_texts(path: str | os.PathLike) -> list[str]:
-    """The non-empty lines of a UTF-8 text file."""
+    """The non-empty lines of a UTF-8 text file, stripped: one sentence each (sentence embeddings)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"text file {os.fspath(path)!r} does not exist")
     with open(path, encoding="utf-8") as f:
@@ -88,8 +100,8 @@ def _special_token_framer(tokenizer):
 
 def from_file(tokenizer, path: str | os.PathLike, n_samples: int = 128, seq_len: int = 2048,
               seed: int = 0, *, special_tokens: bool = False) -> torch.Tensor:
-    """Calibration samples from a local UTF-8 text file."""
-    return calibration_batches(tokenizer, read_texts(path), n_samples, seq_len, seed,
+    """Calibration samples from a local UTF-8 text file, tokenized as given (see read_text)."""
+    return calibration_batches(tokenizer, read_text(path), n_samples, seq_len, seed,
                                special_tokens=special_tokens)
 
 

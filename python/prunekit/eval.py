@@ -8,13 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tqdm.auto import tqdm
+
 from . import calibrate, data
+from ._progress import show_progress
 
 
 def perplexity(model: nn.Module, token_ids: torch.Tensor, seq_len: int = 2048, *, batch_size: int = 1,
-               device=None) -> float:
+               device=None, progress: bool | None = None) -> float:
     """Perplexity over non-overlapping windows of `seq_len` tokens (a trailing partial window is
-    dropped), as SparseGPT/Wanda evaluate WikiText-2: exp(Σ mean-window-NLL · seq_len / (n · seq_len))."""
+    dropped), as SparseGPT/Wanda evaluate WikiText-2: exp(Σ mean-window-NLL · seq_len / (n · seq_len)).
+    progress: a tqdm bar over the windows (default: only when stderr is a terminal)."""
     ids = data._check_token_ids(token_ids, "token_ids").reshape(-1).long()
     n_windows = ids.numel() // seq_len
     if n_windows == 0:
@@ -30,7 +34,9 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, seq_len: int = 2048, *
     total = torch.zeros((), dtype=torch.float64)
     try:
         with torch.no_grad():
-            for batch in windows.split(batch_size):
+            bar = tqdm(windows.split(batch_size), desc="prunekit perplexity", unit="batch",
+                       disable=not show_progress(progress))
+            for batch in bar:
                 batch = batch.to(device)
                 logits = model(input_ids=batch, **extra).logits.float()
                 losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),

@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .calibrate import is_conv1d
 from .nn.sparse_linear import SparseLinear
 from .ref.pack24 import nibble_positions
 
@@ -127,11 +128,13 @@ def _swap_in_sparse(model: nn.Module, sparse: dict[str, dict]) -> None:
             raise ValueError(f"load: the saved model has SparseLinear {name!r} but this model has no such module") from None
         if isinstance(module, SparseLinear):
             continue
-        if not isinstance(module, nn.Linear):
+        conv1d = is_conv1d(module)  # transformers' Conv1D (GPT-2): weight [in, out]
+        if not isinstance(module, nn.Linear) and not conv1d:
             raise ValueError(f"load: {name!r} is SparseLinear in the file but {type(module).__name__} in the model")
-        if (module.in_features, module.out_features) != (info["in_features"], info["out_features"]):
+        out_features, in_features = module.weight.shape[::-1] if conv1d else module.weight.shape
+        if (in_features, out_features) != (info["in_features"], info["out_features"]):
             raise ValueError(f"load: {name!r} is {info['out_features']}x{info['in_features']} in the file but "
-                             f"{module.out_features}x{module.in_features} in the model")
+                             f"{out_features}x{in_features} in the model")
         on_meta = module.weight.device.type == "meta"
         device = torch.device("cpu") if on_meta else module.weight.device
         # the layer keeps the model's dtype (values are cast on load, as for every dense tensor); a model
@@ -139,6 +142,7 @@ def _swap_in_sparse(model: nn.Module, sparse: dict[str, dict]) -> None:
         dtype = getattr(torch, info["dtype"]) if on_meta else module.weight.dtype
         replacement = SparseLinear(info["in_features"], info["out_features"], info["bias"], device=device,
                                    dtype=dtype)
+        replacement.stored_transposed = conv1d
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
 
@@ -152,7 +156,7 @@ def _meta_tensors(model: nn.Module, path: Path, state: dict) -> bool:
     meta = [name for name, t in tensors.items() if t.device.type == "meta"]
     if not meta:
         return False
-    sparse_keys = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    sparse_keys = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)}
     unheld = [n for n in meta if n not in state and n not in sparse_keys]
     if len(meta) < len(tensors) or unheld:
         shown = ", ".join((unheld or meta)[:5]) + (", ..." if len(unheld or meta) > 5 else "")

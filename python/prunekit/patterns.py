@@ -53,13 +53,15 @@ def parse(spec) -> Pattern:
             except ValueError:
                 raise ValueError(f"pattern: expected 'N:M' with integers, got {spec!r}") from None
             return parse((n, m))
-        if text.endswith("%"):
-            return Pattern(_validate.sparsity(float(text[:-1]) / 100.0))
         try:
-            return Pattern(_validate.sparsity(float(text)))
-        except (TypeError, ValueError):
+            value = float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
+        except ValueError:
             raise ValueError(f"pattern: expected a fraction like 0.5, a percentage like '50%' "
                              f"or 'N:M' like '2:4', got {spec!r}") from None
+        try:
+            return Pattern(_validate.sparsity(value))
+        except ValueError as exc:  # keep the range ("[0, 1)") and say what was given
+            raise ValueError(f"{exc} (from {spec!r})") from None
     return Pattern(_validate.sparsity(spec))
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import calibrate, data, reparam
+from ._progress import show_progress
 from .pruning.allocation import Context, as_allocation
 from .pruning.base import LayerResult, PruningMethod
 from .report import LayerReport, PruneReport
@@ -40,11 +41,12 @@ def make_method(name: str, sparsity) -> PruningMethod:
 
 def prune(model: nn.Module, method: PruningMethod, calibration, *, include=None, exclude=None,
           offload: bool = False, device=None, blocks: str | None = None, seed: int = 0,
-          progress: bool = True, batch_size: int = 1, allocation=None) -> PruneReport:
+          progress: bool | None = None, batch_size: int = 1, allocation=None) -> PruneReport:
     """Prunes `model` in place with `method` and returns a per-layer report.
 
     calibration: token ids [n_samples, seq_len] (see prunekit.data), or a list of batches (tensors or
-        dicts of model inputs). A tensor is fed `batch_size` rows at a time.
+        dicts of model inputs). A tensor is fed `batch_size` rows at a time. None for magnitude
+        pruning: the weights are pruned without any forward, and the report's errors are None.
     include / exclude: layer-name patterns (shell globs; a regular expression with a `re:` prefix; see
         prunekit.patterns). By default every linear layer inside the model's blocks is pruned, and the
         LM head and embeddings stay dense.
@@ -52,6 +54,7 @@ def prune(model: nn.Module, method: PruningMethod, calibration, *, include=None,
     offload: keep the model on its own device (CPU) and bring only the block being pruned to `device`.
     blocks: dotted name of the block list (e.g. "model.layers") when it cannot be discovered.
     seed: seeds torch's RNG for the run, so a given seed gives the same result.
+    progress: tqdm bars (default: only when stderr is a terminal).
     allocation: per-layer sparsity: prunekit.OWL(), or a dict of layer-name pattern -> sparsity
         (see prunekit.pruning.allocation); the method's sparsity is the target.
     """
@@ -61,11 +64,11 @@ def prune(model: nn.Module, method: PruningMethod, calibration, *, include=None,
         raise TypeError(f"method: expected a prunekit pruning method (e.g. prunekit.Wanda(0.5)), "
                         f"got {type(method).__name__}")
     allocation = as_allocation(allocation)
+    progress = show_progress(progress)  # default: bars only on a terminal
     start = time.perf_counter()
     home = calibrate.model_device(model)
     device = torch.device(device) if device is not None else home
-    batches = data.as_batches(calibration, batch_size=batch_size, max_len=data.max_positions(model),
-                              vocab=data.vocab_size(model))
+    batches = _batches_or_none(calibration, method, allocation, model, batch_size)
     found = calibrate.find_blocks(model, blocks)
     block_path, block_list = found if found is not None else (None, None)
     targets = calibrate.select_layers(model, include, exclude, block_path)
@@ -77,7 +80,7 @@ def prune(model: nn.Module, method: PruningMethod, calibration, *, include=None,
         allocation.check(method, targets)
     reparam.plain_weights(targets, "prune")  # torch.nn.utils.prune masks: fold them, with a warning
     log.info("pruning %d layers with %r on %s (blocks: %s, %d calibration batches)",
-             len(targets), method, device, block_path or "none", len(batches))
+             len(targets), method, device, block_path or "none", len(batches or ()))
 
     report = PruneReport(method=repr(method), pattern=str(method.pattern), blocks=block_path)
     if getattr(method, "scope", None) == "global":
@@ -97,7 +100,10 @@ def prune(model: nn.Module, method: PruningMethod, calibration, *, include=None,
                 method = allocation.apply(method, targets, Context(model, batches, device, found,
                                                                    home if offload else None, progress))
             done = set()
-            if block_list is not None:
+            if batches is None:  # no calibration data: weights only, no error pass
+                _prune_weights_only(targets, method, report)
+                done = set(targets)
+            elif block_list is not None:
                 done = _prune_blocks(model, block_path, block_list, targets, batches, method, device,
                                      home if offload else None, progress, report)
             rest = {name: m for name, m in targets.items() if name not in done}
@@ -114,6 +120,35 @@ def prune(model: nn.Module, method: PruningMethod, calibration, *, include=None,
     report.seconds = time.perf_counter() - start
     log.info("pruned %d layers to sparsity %.4f in %.1f s", len(report.layers), report.sparsity, report.seconds)
     return report
+
+
+def _batches_or_none(calibration, method, allocation, model, batch_size):
+    """The calibration batches; None when none were given and nothing needs them (magnitude)."""
+    if calibration is not None:
+        return data.as_batches(calibration, batch_size=batch_size, max_len=data.max_positions(model),
+                               vocab=data.vocab_size(model))
+    from .pruning.allocation import LayerSparsity
+
+    if method.needs_hessian or method.needs_act_norm:
+        raise ValueError(f"calibration: {method!r} needs calibration data (token ids [n_samples, seq_len]; "
+                         f"see prunekit.data); only magnitude pruning runs without")
+    if allocation is not None and not isinstance(allocation, LayerSparsity):
+        raise ValueError(f"calibration: allocation={allocation!r} needs calibration data")
+    return None
+
+
+def _prune_weights_only(targets, method, report) -> None:
+    """Prunes each layer from its weight alone (calibration=None); the report's error is None."""
+    for name, module in targets.items():
+        dense = calibrate.layer_weight(module).detach().clone()
+        began = time.perf_counter()
+        result = method.prune_layer(dense.clone(), None, name)
+        _check_result(result, dense, name, method)
+        calibrate.set_layer_weight(module, result.weight)
+        report.layers.append(LayerReport(name=name, shape=tuple(dense.shape), pattern=str(result.pattern),
+                                         sparsity=result.sparsity, error=None,
+                                         seconds=time.perf_counter() - began, damping=result.damping,
+                                         notes=list(result.notes)))
 
 
 class _GlobalMagnitude(PruningMethod):

@@ -19,13 +19,18 @@ def open_new(path: str):
     return os.fdopen(fd, "w", encoding="utf-8")
 
 
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
 @dataclass
 class LayerReport:
     name: str
     shape: tuple[int, int]         # [out_features, in_features]
     pattern: str                   # "0.5" or "2:4"
     sparsity: float                # achieved fraction of pruned weights
-    error: float                   # ||x W_dense^T - x W_pruned^T||^2 summed over calibration tokens
+    error: float | None            # ||x W_dense^T - x W_pruned^T||^2 summed over calibration tokens
+    #                                (None: pruned without calibration data, so not measured)
     seconds: float                 # time the method spent on this layer
     damping: float | None = None   # SparseGPT: damping that made the Hessian positive definite
     notes: list[str] = field(default_factory=list)
@@ -50,8 +55,9 @@ class PruneReport:
         return sum(layer.sparsity * layer.numel for layer in self.layers) / total if total else 0.0
 
     @property
-    def error(self) -> float:
-        return sum(layer.error for layer in self.layers)
+    def error(self) -> float | None:
+        measured = [layer.error for layer in self.layers if layer.error is not None]
+        return sum(measured) if measured or not self.layers else None
 
     @property
     def prune_seconds(self) -> float:
@@ -97,10 +103,10 @@ class PruneReport:
     def __str__(self) -> str:
         header = ("layer", "shape", "pattern", "sparsity", "error", "damping", "seconds")
         rows = [(layer.name, "x".join(map(str, layer.shape)), layer.pattern, f"{layer.sparsity:.4f}",
-                 f"{layer.error:.4g}", "-" if layer.damping is None else f"{layer.damping:.3g}",
+                 _num(layer.error), "-" if layer.damping is None else f"{layer.damping:.3g}",
                  f"{layer.seconds:.3f}") for layer in self.layers]
         rows.append(("total", f"{len(self.layers)} layers", self.pattern, f"{self.sparsity:.4f}",
-                     f"{self.error:.4g}", "", f"{self.prune_seconds:.3f}"))
+                     _num(self.error), "", f"{self.prune_seconds:.3f}"))
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
         def line(cells) -> str:  # first column left-aligned, numbers right-aligned
@@ -125,7 +131,7 @@ class PruneReport:
         top.bar(x, [layer.sparsity for layer in self.layers])
         top.set_ylabel("sparsity")
         top.set_title(f"per-layer sparsity and reconstruction error\n{self.method}", fontsize=9)
-        bottom.bar(x, [layer.error for layer in self.layers], color="tab:red")
+        bottom.bar(x, [layer.error or 0.0 for layer in self.layers], color="tab:red")
         bottom.set_ylabel("error")
         bottom.set_yscale("symlog")
         bottom.set_xticks(list(x), [layer.name for layer in self.layers], rotation=90, fontsize=6)

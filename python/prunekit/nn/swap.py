@@ -5,6 +5,7 @@ import functools
 import logging
 import warnings
 from collections import Counter
+from types import SimpleNamespace
 from dataclasses import dataclass, field
 
 import torch
@@ -33,20 +34,36 @@ def _matches(name: str, patterns) -> bool:
     return name_patterns.matches_any(name, patterns)
 
 
-def _skip_reason(name: str, module: nn.Linear, include, exclude, shared: Counter) -> str | None:
+def _is_conv1d(module: nn.Module) -> bool:
+    from ..calibrate import is_conv1d
+
+    return is_conv1d(module)
+
+
+def _linear_view(module: nn.Module):
+    """The layer as nn.Linear sees it: transformers' Conv1D (GPT-2) stores its weight [in, out] and
+    computes x @ W + b, which is nn.Linear with the transposed weight."""
+    if _is_conv1d(module):
+        return SimpleNamespace(weight=module.weight.t(), bias=module.bias, in_features=module.weight.shape[0])
+    return module
+
+
+def _skip_reason(name: str, module: nn.Module, include, exclude, shared: Counter) -> str | None:
     if include is not None and not _matches(name, include):
         return "not matched by include"
     if exclude is not None and _matches(name, exclude):
         return "matched by exclude"
-    if type(module) is not nn.Linear:
-        return f"{type(module).__name__} is a subclass of nn.Linear; only plain nn.Linear is swapped"
+    if type(module) is not nn.Linear and not _is_conv1d(module):
+        return (f"{type(module).__name__} is a subclass of nn.Linear; only plain nn.Linear and "
+                f"transformers' Conv1D are swapped")
     weight = module.weight
     if weight.dtype not in _PACKABLE:
         return f"dtype {weight.dtype} (2:4 format supports float32/float16/bfloat16)"
     if weight.device.type == "meta":
         return "weight is on the meta device"
-    if module.in_features % 8 != 0:
-        return f"in_features {module.in_features} is not divisible by 8"
+    in_features = _linear_view(module).in_features
+    if in_features % 8 != 0:
+        return f"in_features {in_features} is not divisible by 8"
     if shared[id(weight)] > 1:
         return "weight is shared with another module (tied); swapping would untie it"
     return None
@@ -60,16 +77,18 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def sparsify(model: nn.Module, *, include=None, exclude=None) -> SwapReport:
     """Swap each nn.Linear whose weight is exactly 2:4 (per row, at most 2 nonzeros in every 4 consecutive
-    inputs) for SparseLinear. include/exclude: layer-name patterns (a string or a list; shell globs, `re:` for a regular
+    inputs) for SparseLinear; transformers' Conv1D layers (GPT-2) too, their [in, out] weight read as
+    nn.Linear's [out, in]. include/exclude: layer-name patterns (a string or a list; shell globs, `re:` for a regular
     expression — see prunekit.patterns)."""
     report = SwapReport()
     shared = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)]
     for name, module in linears:
         why = _skip_reason(name, module, include, exclude, shared)
         if why is None:
             try:
-                sparse = SparseLinear.from_dense(module, name=name)
+                sparse = SparseLinear.from_dense(_linear_view(module), name=name)
+                sparse.stored_transposed = _is_conv1d(module)
             except ValueError as exc:
                 why = "not 2:4: " + str(exc).split("is not 2:4 sparse: ", 1)[-1]
         if why is not None:
@@ -86,7 +105,7 @@ def sparsify(model: nn.Module, *, include=None, exclude=None) -> SwapReport:
 # ------------------------------------------------------------------------- save_pretrained
 def dense_state_dict(model: nn.Module) -> dict:
     """The model's state_dict with each SparseLinear written as a dense `weight` (+ `bias`), the layout
-    transformers' from_pretrained reads into nn.Linear."""
+    transformers' from_pretrained reads into nn.Linear (or Conv1D: [in, out], for layers swapped from one)."""
     state = model.state_dict()
     for name, module in model.named_modules():
         if isinstance(module, SparseLinear):
@@ -94,7 +113,8 @@ def dense_state_dict(model: nn.Module) -> dict:
             for key in module.state_dict():
                 if key != "bias":
                     state.pop(prefix + key, None)
-            state[prefix + "weight"] = module.weight
+            dense = module.weight
+            state[prefix + "weight"] = dense.t().contiguous() if getattr(module, "stored_transposed", False) else dense
     return state
 
 

@@ -22,12 +22,16 @@ import copy
 import logging
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
+from tqdm.auto import tqdm
+
 from .. import calibrate, data, reparam
+from .._progress import show_progress
 
 log = logging.getLogger("prunekit")
 
@@ -228,6 +232,8 @@ class StructuredReport:
     params: tuple[int, int] = (0, 0)           # model parameters: before, after
     kept: list[dict[str, list[int]]] = field(default_factory=list)
     seconds: float = 0.0
+    removed: dict[str, tuple[float, float]] = field(default_factory=dict)  # kind: (requested, removed) fraction
+    notes: list[str] = field(default_factory=list)  # what rounding did to the requested fractions
 
     @property
     def param_ratio(self) -> float:
@@ -244,13 +250,13 @@ class StructuredReport:
                 parts.append(f"{name} {value[0]} -> {value[1]}")
         parts.append(f"params {self.params[0]:,} -> {self.params[1]:,} ({self.param_ratio:.1%}) "
                      f"in {self.seconds:.2f} s")
-        return " ".join(parts)
+        return "\n".join([" ".join(parts), *(f"note: {n}" for n in self.notes)])
 
 
 # ----------------------------------------------------------------------------------- public
 def prune_structured(model: nn.Module, *, heads: float = 0.0, mlp: float = 0.0, importance: str = "l2",
                      calibration=None, blocks: str | None = None, round_to: int = 1,
-                     batch_size: int = 1) -> StructuredReport:
+                     batch_size: int = 1, progress: bool | None = None) -> StructuredReport:
     """Removes a fraction of the attention heads and MLP channels of every block, in place.
 
     heads: fraction of key/value groups to remove per block (a KV head with the query heads that
@@ -264,6 +270,10 @@ def prune_structured(model: nn.Module, *, heads: float = 0.0, mlp: float = 0.0, 
     calibration: token ids [n_samples, seq_len] or a list of batches (see prunekit.data), needed by
         "taylor" and "activation".
     blocks: dotted name of the block list when it cannot be discovered.
+    progress: a tqdm bar over the calibration batches (default: only on a terminal).
+
+    Rounding (whole groups, `round_to`) can remove more or less than asked: the report's `removed` and
+    `notes` say what was removed, and a difference of a percentage point or more is also a warning.
 
     Every block keeps the same counts (each its own groups), so the updated config describes the
     model and save_pretrained / from_pretrained round-trip. Returns a StructuredReport.
@@ -285,9 +295,9 @@ def prune_structured(model: nn.Module, *, heads: float = 0.0, mlp: float = 0.0, 
     family = detect_family(block_list[0])
     config = _text_config(model)
     kinds = group_kinds(family, config, heads_ratio > 0, mlp_ratio > 0, block_list[0])
-    keeps = _plan(kinds, family, config, heads_ratio, mlp_ratio, round_to)
     report = StructuredReport(family=family.name, importance=importance, blocks=block_path,
                               params=(_n_params(model), 0))
+    keeps = _plan(kinds, family, config, heads_ratio, mlp_ratio, round_to, report)
     if not keeps:
         log.info("prune_structured: nothing to prune (heads=%s, mlp=%s)", heads, mlp)
         report.params = (report.params[0], report.params[0])
@@ -295,7 +305,7 @@ def prune_structured(model: nn.Module, *, heads: float = 0.0, mlp: float = 0.0, 
 
     reparam.plain_weights({f"{block_path}.{n}": m for n, m in block_list.named_modules()
                            if calibrate.is_prunable(m)}, "prune_structured")
-    scores = _importances(model, block_list, kinds, importance, calibration, batch_size)
+    scores = _importances(model, block_list, kinds, importance, calibration, batch_size, progress)
     for index, block in enumerate(block_list):
         kept = {}
         for kind in kinds:
@@ -333,30 +343,45 @@ def _n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _plan(kinds, family, config, heads_ratio, mlp_ratio, round_to) -> dict[str, int]:
-    """Groups to keep per block, by kind; checked against the config before anything changes."""
+def _plan(kinds, family, config, heads_ratio, mlp_ratio, round_to, report) -> dict[str, int]:
+    """Groups to keep per block, by kind; checked against the config before anything changes. What
+    rounding did to each requested fraction goes to the report (and a warning when it is far off)."""
     keeps = {}
     for kind in kinds:
         if kind.name == "heads":
+            ratio = heads_ratio
             keep = kept_heads(kind.count, heads_ratio)
             _check_heads_config(config, kind, keep, heads_ratio)
+            unit = "key/value head groups"
         else:
+            ratio = mlp_ratio
             keep = kept_channels(kind.count, mlp_ratio, round_to)
+            unit = "MLP channels" + (f" (kept width a multiple of round_to={round_to})" if round_to > 1 else "")
+        removed = (kind.count - keep) / kind.count
+        report.removed[kind.name] = (ratio, removed)
+        if abs(removed - ratio) > 1e-9:
+            note = (f"{'heads' if kind.name == 'heads' else 'mlp'}={ratio:g} of {kind.count} {unit} rounds to "
+                    f"removing {kind.count - keep} ({removed:.3g} instead of {ratio:g}) per block")
+            report.notes.append(note)
+            if abs(removed - ratio) >= 0.01:
+                warnings.warn(f"prune_structured: {note}", stacklevel=3)
+            log.info("prune_structured: %s", note)
         if keep < kind.count:
             keeps[kind.name] = keep
-        else:
-            log.warning("prune_structured: %s ratio rounds to no pruning (%d groups)", kind.name, kind.count)
     return keeps
 
 
 # ------------------------------------------------------------------------------- importance
-def _importances(model, block_list, kinds, importance, calibration, batch_size) -> list[dict[str, torch.Tensor]]:
+def _importances(model, block_list, kinds, importance, calibration, batch_size,
+                 progress=None) -> list[dict[str, torch.Tensor]]:
     grads = activations = None
     if importance in ("taylor", "activation"):
         if calibration is None:
             raise ValueError(f"importance={importance!r} needs calibration data (token ids or batches)")
         batches = data.as_batches(calibration, batch_size=batch_size, max_len=data.max_positions(model),
                                   vocab=data.vocab_size(model))
+        batches = tqdm(batches, desc=f"prunekit {importance} importance", unit="batch",
+                       disable=not show_progress(progress))
         if importance == "taylor":
             grads = _loss_gradients(model, block_list, kinds, batches)
         else:

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import _validate, calibrate, data
+from .._progress import show_progress
 from .masked import MaskedTraining
 
 log = logging.getLogger("prunekit")
@@ -85,7 +86,7 @@ def _next_token_labels(batch: dict, ignore_index: int) -> torch.Tensor:
 def recover(student: nn.Module, teacher: nn.Module, batches, steps: int, lr: float = 2e-5, *,
             temperature: float = 2.0, alpha: float = 1.0, weight_decay: float = 0.0,
             max_grad_norm: float | None = 1.0, batch_size: int = 1, include=None, exclude=None,
-            blocks: str | None = None, progress: bool = True, log_every: int = 10) -> list[float]:
+            blocks: str | None = None, progress: bool | None = None, log_every: int = 10) -> list[float]:
     """Fine-tunes a pruned causal LM `student` towards `teacher` (its dense original) in place.
 
     batches: token ids [n, seq_len] (fed `batch_size` rows at a time) or a list of batches, as for
@@ -112,7 +113,7 @@ def recover(student: nn.Module, teacher: nn.Module, batches, steps: int, lr: flo
     log.info("recover: %d steps, lr %g, T %g, alpha %g, %d sparse layers held fixed", steps, lr,
              temperature, alpha, len(masks.layers))
     try:
-        for step in tqdm(range(steps), desc="prunekit recover", unit="step", disable=not progress):
+        for step in tqdm(range(steps), desc="prunekit recover", unit="step", disable=not show_progress(progress)):
             batch = items[step % len(items)]
             with torch.no_grad():
                 teacher_logits = _forward(teacher, batch)

@@ -39,6 +39,7 @@ def unpack_calls(monkeypatch):
 
     monkeypatch.setattr(dense, "unpack", counting)
     monkeypatch.delenv(dense.ENV, raising=False)
+    monkeypatch.setenv("PRUNEKIT_SPARSE_CPU", "dense")  # CPU: the op's dense route, not the SIMD kernel
     dense.clear_cache()
     yield calls
     dense.clear_cache()

@@ -32,6 +32,7 @@ _EXPORTS = {
     "prune": ("pipeline", "prune"),  # not prune.py: a submodule named like the function would shadow it
     "PruneReport": ("report", "PruneReport"),
     "SparseLinear": ("nn.sparse_linear", "SparseLinear"),
+    "UnstructuredSparseLinear": ("nn.unstructured_linear", "UnstructuredSparseLinear"),
     "sparsify": ("nn.swap", "sparsify"),
     "save": ("io", "save"),
     "load": ("io", "load"),

@@ -27,6 +27,7 @@ from torch import nn
 
 from .calibrate import is_conv1d
 from .nn.sparse_linear import SparseLinear
+from .nn.unstructured_linear import UnstructuredSparseLinear
 from .ref.pack24 import nibble_positions
 
 log = logging.getLogger("prunekit")
@@ -63,7 +64,11 @@ def _header(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[st
     sparse = {name: {"in_features": m.in_features, "out_features": m.out_features,
                      "dtype": str(m.values.dtype).removeprefix("torch."), "bias": m.bias is not None}
               for name, m in model.named_modules() if isinstance(m, SparseLinear)}
-    return {"format": FORMAT, "version": VERSION, "sparse_linear": sparse, "aliases": aliases,
+    unstructured = {name: {"in_features": m.in_features, "out_features": m.out_features,
+                           "dtype": str(m.values.dtype).removeprefix("torch."), "bias": m.bias is not None}
+                    for name, m in model.named_modules() if isinstance(m, UnstructuredSparseLinear)}
+    return {"format": FORMAT, "version": VERSION, "sparse_linear": sparse, "unstructured_linear": unstructured,
+            "aliases": aliases,
             "tensors": {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
                                "sha256": _sha256(t)} for name, t in tensors.items()}}
 
@@ -120,17 +125,17 @@ def _verify(path: Path, header: dict, tensors: dict[str, torch.Tensor]) -> None:
             raise ValueError(f"{path}: checksum mismatch for tensor {name!r}: the file was altered or corrupted")
 
 
-def _swap_in_sparse(model: nn.Module, sparse: dict[str, dict]) -> None:
+def _swap_in_sparse(model: nn.Module, sparse: dict[str, dict], cls=SparseLinear) -> None:
     for name, info in sparse.items():
         try:
             module = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"load: the saved model has SparseLinear {name!r} but this model has no such module") from None
-        if isinstance(module, SparseLinear):
+        if isinstance(module, cls):
             continue
         conv1d = is_conv1d(module)  # transformers' Conv1D (GPT-2): weight [in, out]
-        if not isinstance(module, nn.Linear) and not conv1d:
-            raise ValueError(f"load: {name!r} is SparseLinear in the file but {type(module).__name__} in the model")
+        if (not isinstance(module, nn.Linear) and not conv1d) or (conv1d and cls is not SparseLinear):
+            raise ValueError(f"load: {name!r} is {cls.__name__} in the file but {type(module).__name__} in the model")
         out_features, in_features = module.weight.shape[::-1] if conv1d else module.weight.shape
         if (in_features, out_features) != (info["in_features"], info["out_features"]):
             raise ValueError(f"load: {name!r} is {info['out_features']}x{info['in_features']} in the file but "
@@ -140,9 +145,9 @@ def _swap_in_sparse(model: nn.Module, sparse: dict[str, dict]) -> None:
         # the layer keeps the model's dtype (values are cast on load, as for every dense tensor); a model
         # on the meta device takes the file's
         dtype = getattr(torch, info["dtype"]) if on_meta else module.weight.dtype
-        replacement = SparseLinear(info["in_features"], info["out_features"], info["bias"], device=device,
-                                   dtype=dtype)
-        replacement.stored_transposed = conv1d
+        replacement = cls(info["in_features"], info["out_features"], info["bias"], device=device, dtype=dtype)
+        if conv1d:
+            replacement.stored_transposed = True
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
 
@@ -182,6 +187,7 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         state[alias] = tensors[stored]
     on_meta = _meta_tensors(model, path, state)
     _swap_in_sparse(model, header["sparse_linear"])
+    _swap_in_sparse(model, header.get("unstructured_linear", {}), UnstructuredSparseLinear)
     model.load_state_dict(state, strict=True, assign=on_meta)
     if on_meta and hasattr(model, "tie_weights"):
         model.tie_weights()  # assign=True gives each name its own Parameter

@@ -13,6 +13,7 @@ from torch import nn
 
 from .. import patterns as name_patterns
 from .sparse_linear import SparseLinear
+from .unstructured_linear import UnstructuredSparseLinear
 
 log = logging.getLogger("prunekit")
 _PACKABLE = (torch.float32, torch.float16, torch.bfloat16)
@@ -24,7 +25,8 @@ class SwapReport:
     skipped: dict[str, str] = field(default_factory=dict)  # layer name -> reason
 
     def __str__(self) -> str:
-        lines = [f"sparsify: {len(self.swapped)} layer(s) swapped to SparseLinear, {len(self.skipped)} skipped"]
+        lines = [f"sparsify: {len(self.swapped)} layer(s) swapped to SparseLinear / UnstructuredSparseLinear, "
+                 f"{len(self.skipped)} skipped"]
         lines += [f"  swapped  {name}" for name in self.swapped]
         lines += [f"  skipped  {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
@@ -75,11 +77,25 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def sparsify(model: nn.Module, *, include=None, exclude=None) -> SwapReport:
+def _unstructured(module: nn.Module, name: str, min_sparsity: float) -> tuple[nn.Module | None, str]:
+    if type(module) is not nn.Linear:
+        return None, "the unstructured format takes plain nn.Linear only"
+    weight = module.weight.detach()
+    sparsity = 1.0 - float((weight != 0).sum()) / max(1, weight.numel())
+    if sparsity < min_sparsity:
+        return None, f"sparsity {sparsity:.3f} < min_sparsity {min_sparsity}"
+    return UnstructuredSparseLinear.from_dense(module, name=name), ""
+
+
+def sparsify(model: nn.Module, *, include=None, exclude=None, unstructured: bool = False,
+             min_sparsity: float = 0.6) -> SwapReport:
     """Swap each nn.Linear whose weight is exactly 2:4 (per row, at most 2 nonzeros in every 4 consecutive
     inputs) for SparseLinear; transformers' Conv1D layers (GPT-2) too, their [in, out] weight read as
     nn.Linear's [out, in]. include/exclude: layer-name patterns (a string or a list; shell globs, `re:` for a regular
-    expression — see prunekit.patterns)."""
+    expression — see prunekit.patterns).
+    unstructured=True: a plain nn.Linear that is not 2:4 but has at least `min_sparsity` zeros becomes an
+    UnstructuredSparseLinear (bitmask format, for 70-90% Wanda/SparseGPT models; on CPU it runs its sparse
+    kernel where that beats dense and otherwise turns dense, nn/cpu_route.py)."""
     report = SwapReport()
     shared = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)]
@@ -91,6 +107,9 @@ def sparsify(model: nn.Module, *, include=None, exclude=None) -> SwapReport:
                 sparse.stored_transposed = _is_conv1d(module)
             except ValueError as exc:
                 why = "not 2:4: " + str(exc).split("is not 2:4 sparse: ", 1)[-1]
+                if unstructured:
+                    sparse, low = _unstructured(module, name, min_sparsity)
+                    why = None if sparse is not None else f"{why}; {low}"
         if why is not None:
             report.skipped[name] = why
             continue
@@ -108,7 +127,7 @@ def dense_state_dict(model: nn.Module) -> dict:
     transformers' from_pretrained reads into nn.Linear (or Conv1D: [in, out], for layers swapped from one)."""
     state = model.state_dict()
     for name, module in model.named_modules():
-        if isinstance(module, SparseLinear):
+        if isinstance(module, (SparseLinear, UnstructuredSparseLinear)):
             prefix = f"{name}." if name else ""
             for key in module.state_dict():
                 if key != "bias":
@@ -119,7 +138,8 @@ def dense_state_dict(model: nn.Module) -> dict:
 
 
 def _save_pretrained_dense(model: nn.Module, *args, **kwargs):
-    if kwargs.get("state_dict") is None and any(isinstance(m, SparseLinear) for m in model.modules()):
+    if kwargs.get("state_dict") is None and any(isinstance(m, (SparseLinear, UnstructuredSparseLinear))
+                                                for m in model.modules()):
         kwargs["state_dict"] = dense_state_dict(model)
         warnings.warn("save_pretrained on a sparsified model: its SparseLinear layers are written as dense "
                       "weights (the 2:4 zeros kept) so that from_pretrained reloads the same model as "

@@ -1,9 +1,10 @@
 """Custom op `prunekit::sparse24_linear(x, values, meta, bias?) -> y`: y = x @ W.T + bias with W in the
 logical 2:4 format (ref/pack24.py), any leading dims on x.
 
-CPU: dense F.linear on the weight unpacked (C++) once and cached (ops/sparse24_dense.py;
-PRUNEKIT_SPARSE24_DENSE_CACHE=0 unpacks per call). CUDA: ops/sparse24_dispatch.py picks per (device,
-shape, dtype, M bucket) between the mma.sp decode kernel (csrc/cuda/sparse24_gemm.cu), the sm90 GEMM
+CPU: the C++ SIMD 2:4 kernel (ops/sparse_cpu.py) or dense F.linear on the cached unpacked weight, chosen
+per (shape, dtype, M bucket) by a one-time timing (ops/sparse_cpu_route.py). CUDA: ops/sparse24_dispatch.py
+picks per (device, shape, dtype, M bucket) between the mma.sp decode kernel (csrc/cuda/sparse24_gemm.cu), the
+sm90 GEMM
 and that cached dense route, by a one-time timing per process. The default body stays the pure
 reference (no cache). Autograd: gradients for x, the kept values (masked dense backward: the
 pattern in `meta` is fixed) and bias.
@@ -14,7 +15,7 @@ import torch
 
 from ..ref import pack24 as ref_pack
 from ..ref import sparse24_linear as ref
-from . import sparse24_dense
+from . import sparse24_dense, sparse_cpu, sparse_cpu_route
 
 
 @torch.library.custom_op("prunekit::sparse24_linear", mutates_args=())
@@ -32,7 +33,20 @@ def _(x, values, meta, bias=None):
 @sparse24_linear.register_kernel("cpu")
 def _(x, values, meta, bias=None):
     ref.check_inputs(x, values, meta, bias)
-    return sparse24_dense.linear(x, values, meta, bias)
+    return _cpu_linear(x, values, meta, bias)
+
+
+def _cpu_linear(x, values, meta, bias):
+    """The C++ SIMD kernel or dense F.linear (ops/sparse_cpu_route.py). Called through this op (functional
+    use, torch.compile) a dense choice uses the cached unpacked copy next to the packed one; SparseLinear's
+    eager forward instead turns itself dense so that one copy remains (nn/cpu_route.py)."""
+    N, K = values.shape[0], 2 * values.shape[1]
+    choice = sparse_cpu_route.decide("2:4", x.reshape(-1, K), N, bias is not None,
+                                     lambda p: sparse_cpu.s24_linear(p, values, meta, bias),
+                                     lambda: sparse24_dense.unpack(values, meta), bias)
+    if choice == "dense":
+        return sparse24_dense.linear(x, values, meta, bias)
+    return sparse_cpu.s24_linear(x, values, meta, bias)
 
 
 @sparse24_linear.register_kernel("cuda")

@@ -1,0 +1,110 @@
+"""The CPU side of the sparse layers (SparseLinear, UnstructuredSparseLinear): before a CPU forward the layer asks
+ops/sparse_cpu_route.py whether the sparse kernel beats dense F.linear for its (shape, dtype, M bucket). Where
+it does, the layer holds only its packed weight. Once dense wins for some bucket, the layer unpacks itself for
+good: the dense weight becomes its only copy (memory <= the nn.Linear it replaced) and the forward is F.linear.
+`state_dict()` (and so pk.save) still writes the packed format; `repack()` returns to the packed form.
+
+Not switched: layers whose packed values require grad (training), calls under torch.compile tracing (run one
+eager forward per input size first so the choice is made; the compiled op then follows the recorded choice),
+non-CPU inputs, and PRUNEKIT_SPARSE_CPU=sparse|dense (forced: the op runs that route on the packed weight).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import sparse_cpu_route as route
+
+
+class CpuRouted:
+    """Mixin for a packed linear layer with `in_features`, `out_features`, `values`, `bias` and the hooks below."""
+
+    FORMAT = ""
+    _PACKED = ("values", "meta")
+    _RESIZABLE: tuple[str, ...] = ()  # packed tensors whose size depends on the data (not just the shape)
+
+    # ---- hooks the layer implements ----
+    def _unpacked(self) -> torch.Tensor:  # the dense [out, in] weight from the packed form
+        raise NotImplementedError
+
+    def _sparse_call(self, x: torch.Tensor) -> torch.Tensor:  # the C++ kernel on the packed form
+        raise NotImplementedError
+
+    def _pack_dense(self, W: torch.Tensor) -> dict[str, torch.Tensor]:  # {name: tensor} of the packed form
+        raise NotImplementedError
+
+    def _empty_packed(self) -> dict[str, torch.Tensor]:  # zero-size placeholders of the packed tensors
+        raise NotImplementedError
+
+    # ---- state ----
+    @property
+    def is_dense(self) -> bool:
+        """True once the CPU route turned this layer into a dense layer (the packed form was freed)."""
+        return getattr(self, "_dense_weight", None) is not None
+
+    def _cpu_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The output when the layer is (or now becomes) dense, else None (the caller runs the sparse op)."""
+        if self.is_dense:
+            return F.linear(x, self._dense_weight, self.bias)
+        values = self.values
+        if (x.device.type != "cpu" or values.device.type != "cpu" or x.dtype != values.dtype
+                or x.shape[-1] != self.in_features or values.requires_grad or torch.compiler.is_compiling()
+                or route.mode() != "auto"):
+            return None
+        bias = None if self.bias is None else self.bias.detach()
+        args = (self.FORMAT, self.out_features, self.in_features, values.dtype, bias is not None)
+        dense = route.layer_dense(*args) or route.decide(
+            self.FORMAT, x.reshape(-1, self.in_features), self.out_features, bias is not None,
+            self._sparse_call, self._unpacked, bias) == "dense"
+        if not dense:
+            return None
+        self.unpack_()
+        return F.linear(x, self._dense_weight, self.bias)
+
+    def unpack_(self) -> None:
+        """Becomes a dense layer: the dense weight replaces the packed form (one copy)."""
+        if self.is_dense:
+            return
+        with torch.inference_mode(False), torch.no_grad():
+            W = self._unpacked().contiguous()
+        for name, t in self._empty_packed().items():
+            self._replace(name, t)
+        self._dense_weight = W
+
+    def repack(self) -> None:
+        """Back to the packed form (the dense copy is freed)."""
+        if not self.is_dense:
+            return
+        with torch.inference_mode(False), torch.no_grad():
+            packed = self._pack_dense(self._dense_weight)
+        self._dense_weight = None
+        for name, t in packed.items():
+            self._replace(name, t)
+
+    def _replace(self, name: str, t: torch.Tensor) -> None:
+        old = getattr(self, name)
+        if isinstance(old, torch.nn.Parameter):
+            setattr(self, name, torch.nn.Parameter(t, requires_grad=old.requires_grad))
+        else:
+            setattr(self, name, t)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.is_dense:  # the saved format is always the packed one
+            with torch.no_grad():
+                for name, t in self._pack_dense(self._dense_weight).items():
+                    if name in self._PACKED:
+                        destination[prefix + name] = t
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if self.is_dense:
+            self._dense_weight = None
+        for name in self._PACKED:  # take the incoming shapes (a freed or differently sized packed form)
+            incoming = state_dict.get(prefix + name)
+            current = getattr(self, name)
+            if (incoming is not None and current is not None and incoming.shape != current.shape
+                    and (current.numel() == 0 or name in self._RESIZABLE)):
+                self._replace(name, torch.empty(incoming.shape, dtype=current.dtype, device=current.device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)

@@ -1,0 +1,217 @@
+"""The CPU route of SparseLinear / UnstructuredSparseLinear (nn/cpu_route.py, ops/sparse_cpu_route.py): the
+choice follows the measurement, the layer never holds two copies of its weight, a layer turned dense still
+saves the packed format, inference_mode / torch.compile / opcheck work, sparsify(unstructured=True)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import prunekit as pk
+from prunekit.nn.sparse_linear import SparseLinear
+from prunekit.nn.unstructured_linear import UnstructuredSparseLinear
+from prunekit.ops import sparse24_dense, sparse_cpu, sparse_cpu_route as route
+from prunekit.ref import bitmask, selection
+
+pytestmark = pytest.mark.skipif(not sparse_cpu.available(), reason="prunekit._C has no sparse_linear_cpu")
+
+
+@pytest.fixture(autouse=True)
+def fresh(monkeypatch):
+    monkeypatch.delenv(route.ENV_MODE, raising=False)
+    route.clear()
+    sparse24_dense.clear_cache()
+    yield
+    route.clear()
+    sparse24_dense.clear_cache()
+
+
+@pytest.fixture
+def winner(monkeypatch):
+    """Makes the measurement say which route wins: winner('dense') / winner('sparse')."""
+    calls = []
+
+    def set_winner(name):
+        def fake(fns, **_):
+            calls.append(sorted(fns))
+            for fn in fns.values():
+                fn()  # both candidates still run (they must work)
+            return {n: (1.0 if n == name else 2.0) for n in fns}
+        monkeypatch.setattr(route, "_median_times", fake)
+        return calls
+    return set_winner
+
+
+def linear_24(n, k, gen, dtype=torch.float32, bias=True):
+    lin = nn.Linear(k, n, bias=bias).to(dtype)
+    with torch.no_grad():
+        lin.weight.mul_(selection.nm_keep_mask(torch.rand(n, k, generator=gen), 2, 4).to(dtype))
+    return lin.requires_grad_(False)
+
+
+def linear_unstructured(n, k, gen, sparsity=0.8, dtype=torch.float32):
+    lin = nn.Linear(k, n).to(dtype)
+    with torch.no_grad():
+        lin.weight.mul_((torch.rand(n, k, generator=gen) >= sparsity).to(dtype))
+    return lin.requires_grad_(False)
+
+
+def weight_bytes(module):
+    return sum(t.numel() * t.element_size() for name, t in list(module.named_parameters()) + list(module.named_buffers())
+               if name != "bias")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_wins_one_packed_copy(dtype, gen, winner):
+    calls = winner("sparse")
+    lin = linear_24(48, 64, gen, dtype)
+    layer = SparseLinear.from_dense(lin)
+    for M in (1, 5, 40):
+        x = torch.randn(M, 64, generator=gen).to(dtype)
+        torch.testing.assert_close(layer(x), lin(x), rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-3)
+    assert len(calls) == 3 and not layer.is_dense
+    assert set(route.chosen_routes().values()) == {"sparse"}
+    assert len(sparse24_dense._unpacked) == 0  # no dense copy anywhere
+    dense_bytes = lin.weight.numel() * lin.weight.element_size()
+    assert weight_bytes(layer) <= 0.6 * dense_bytes
+
+
+def test_dense_wins_dense_is_the_only_copy(gen, winner, tmp_path):
+    winner("dense")
+    lin = linear_24(40, 64, gen)
+    layer = SparseLinear.from_dense(lin)
+    values, meta = layer.values.detach().clone(), layer.meta.clone()
+    x = torch.randn(3, 64, generator=gen)
+    torch.testing.assert_close(layer(x), lin(x))
+    assert layer.is_dense and layer.values.numel() == 0 and layer.meta.numel() == 0
+    assert weight_bytes(layer) == lin.weight.numel() * 4 and len(sparse24_dense._unpacked) == 0
+    # the saved format stays 2:4
+    state = layer.state_dict()
+    assert torch.equal(state["values"], values) and torch.equal(state["meta"], meta)
+    assert "_dense_weight" not in state
+    model = nn.Sequential(layer)
+    pk.save(model, tmp_path)
+    loaded = pk.load(nn.Sequential(nn.Linear(64, 40)), tmp_path)
+    assert isinstance(loaded[0], SparseLinear) and torch.equal(loaded[0].values, values)
+    layer.repack()
+    assert not layer.is_dense and torch.equal(layer.values, values) and torch.equal(layer.meta, meta)
+
+
+def test_dense_in_one_bucket_makes_the_layer_dense(gen, monkeypatch):
+    def fake(fns, **_):
+        return {"dense": 1.0, "sparse": 0.5}  # sparse wins...
+    monkeypatch.setattr(route, "_median_times", fake)
+    lin = linear_24(32, 64, gen)
+    layer = SparseLinear.from_dense(lin)
+    layer(torch.randn(1, 64, generator=gen))
+    assert not layer.is_dense
+    monkeypatch.setattr(route, "_median_times", lambda fns, **_: {"dense": 0.5, "sparse": 1.0})  # ...not at M=64
+    layer(torch.randn(64, 64, generator=gen))
+    assert layer.is_dense
+    other = SparseLinear.from_dense(linear_24(32, 64, gen))  # same shape: dense at once, no new measurement
+    monkeypatch.setattr(route, "_median_times", lambda fns, **_: pytest.fail("measured twice"))
+    other(torch.randn(1, 64, generator=gen))
+    assert other.is_dense
+
+
+def test_forced_modes_and_real_measurement(gen, monkeypatch):
+    lin = linear_24(24, 32, gen)
+    x = torch.randn(4, 32, generator=gen)
+    monkeypatch.setenv(route.ENV_MODE, "sparse")
+    layer = SparseLinear.from_dense(lin)
+    torch.testing.assert_close(layer(x), lin(x))
+    assert not layer.is_dense and len(sparse24_dense._unpacked) == 0
+    monkeypatch.setenv(route.ENV_MODE, "dense")  # the op's dense route on the packed weight (cached copy)
+    torch.testing.assert_close(layer(x), lin(x))
+    assert not layer.is_dense and sparse24_dense.is_cached(layer.values, layer.meta)
+    monkeypatch.setenv(route.ENV_MODE, "fastest")
+    with pytest.raises(ValueError, match=route.ENV_MODE):
+        layer(x)
+    monkeypatch.delenv(route.ENV_MODE)
+    sparse24_dense.clear_cache()
+    layer = SparseLinear.from_dense(lin)
+    torch.testing.assert_close(layer(x), lin(x))  # a real timing, whichever wins
+    (choice,) = route.chosen_routes().values()
+    assert layer.is_dense == (choice == "dense")
+    assert len(route.timings()) == 1
+
+
+def test_inference_mode_and_training_keep_packed(gen, winner):
+    winner("dense")
+    lin = linear_24(16, 32, gen)
+    layer = SparseLinear.from_dense(lin)
+    x = torch.randn(2, 32, generator=gen)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), lin(x))
+    assert layer.is_dense and not layer._dense_weight.is_inference()
+    xg = x.clone().requires_grad_(True)
+    layer(xg).sum().backward()  # the converted weight works outside inference mode too
+    torch.testing.assert_close(xg.grad, lin.weight.sum(0).expand(2, -1))
+    trainable = SparseLinear.from_dense(linear_24(16, 32, gen).requires_grad_(True))
+    trainable(x)
+    assert not trainable.is_dense  # a layer being trained keeps its packed (2:4-preserving) values
+
+
+def test_torch_compile(gen, monkeypatch):
+    monkeypatch.setenv(route.ENV_MODE, "sparse")
+    lin = linear_24(32, 64, gen)
+    layer = SparseLinear.from_dense(lin)
+    x = torch.randn(5, 64, generator=gen)
+    compiled = torch.compile(layer, fullgraph=True)
+    torch.testing.assert_close(compiled(x), lin(x))
+
+
+def test_opcheck(gen, monkeypatch):
+    monkeypatch.setenv(route.ENV_MODE, "sparse")
+    lin = linear_24(16, 32, gen)
+    layer = SparseLinear.from_dense(lin)
+    x = torch.randn(3, 32, generator=gen)
+    torch.library.opcheck(torch.ops.prunekit.sparse24_linear, (x, layer.values.detach(), layer.meta, lin.bias),
+                          test_utils=("test_schema", "test_faketensor"))
+    u = UnstructuredSparseLinear.from_dense(linear_unstructured(16, 32, gen))
+    torch.library.opcheck(torch.ops.prunekit.bitmask_linear, (x, u.values, u.mask, u.row_offsets, u.bias))
+
+
+def test_unstructured_layer_routes_and_round_trip(gen, winner, tmp_path):
+    winner("sparse")
+    lin = linear_unstructured(40, 96, gen, 0.85, torch.bfloat16)
+    layer = UnstructuredSparseLinear.from_dense(lin)
+    x = torch.randn(7, 96, generator=gen).to(torch.bfloat16)
+    torch.testing.assert_close(layer(x).float(), lin(x).float(), rtol=1e-2, atol=2e-2)
+    assert not layer.is_dense and weight_bytes(layer) < 0.6 * lin.weight.numel() * 2
+    model = nn.Sequential(layer)
+    pk.save(model, tmp_path)
+    fresh_model = nn.Sequential(nn.Linear(96, 40).to(torch.bfloat16))
+    pk.load(fresh_model, tmp_path)
+    loaded = fresh_model[0]
+    assert isinstance(loaded, UnstructuredSparseLinear)
+    assert torch.equal(loaded.values, layer.values) and torch.equal(loaded.mask, layer.mask)
+    assert torch.equal(loaded.row_offsets, layer.row_offsets) and torch.equal(loaded.weight, lin.weight)
+    winner("dense")
+    route.clear()
+    dense_layer = UnstructuredSparseLinear.from_dense(lin)
+    dense_layer(x)
+    assert dense_layer.is_dense and dense_layer.values.numel() == 0
+    state = dense_layer.state_dict()
+    assert torch.equal(state["values"], layer.values) and torch.equal(state["mask"], layer.mask)
+    dense_layer.load_state_dict(layer.state_dict())  # back to packed from a file
+    assert not dense_layer.is_dense and torch.equal(dense_layer.row_offsets, layer.row_offsets)
+
+
+def test_sparsify_unstructured(gen, winner):
+    winner("sparse")
+    model = nn.Sequential(linear_24(32, 64, gen), nn.ReLU(), linear_unstructured(48, 32, gen, 0.8),
+                          nn.ReLU(), linear_unstructured(16, 48, gen, 0.3))
+    x = torch.randn(3, 64, generator=gen)
+    ref = model(x)
+    report = pk.sparsify(model, unstructured=True)
+    assert isinstance(model[0], SparseLinear) and isinstance(model[2], UnstructuredSparseLinear)
+    assert "min_sparsity" in report.skipped["4"] and isinstance(model[4], nn.Linear)
+    torch.testing.assert_close(model(x), ref)
+    plain = nn.Sequential(linear_unstructured(48, 32, gen, 0.8))
+    assert pk.sparsify(plain).skipped and type(plain[0]) is nn.Linear  # default: 2:4 only
+    with pytest.raises(ValueError, match="values"):
+        bad = UnstructuredSparseLinear.from_dense(linear_unstructured(8, 16, gen))
+        state = bad.state_dict()
+        state["values"] = torch.cat([state["values"], torch.zeros(3)])
+        bad.load_state_dict(state)
+    assert bitmask.PADDING == 16

@@ -1,0 +1,119 @@
+"""C++ CPU sparse linear kernels (ops/sparse_cpu.py): 2:4 and bitmask formats, every ISA path this CPU runs
+(scalar and AVX2 forced on an AVX-512 machine), fp32/bf16/fp16, odd shapes, every M bucket, against a plain
+PyTorch reference in float64."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prunekit.ops import pack24 as pack_ops  # noqa: F401  (registers prunekit::pack24)
+from prunekit.ops import sparse_cpu
+from prunekit.ref import bitmask, selection
+
+pytestmark = pytest.mark.skipif(not sparse_cpu.available(), reason="prunekit._C has no sparse_linear_cpu")
+
+ISAS = ["scalar", "avx2", "avx512"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+# K: one group short of a chunk, K blocks + tails (1032 = 1024 + 8); M: 1, every bucket, tile edges
+SHAPES = [(13, 40), (21, 1032)]
+MS = [1, 3, 16, 17, 65, 257]
+
+
+def need(isa):
+    if not sparse_cpu.isa_supported(isa):
+        pytest.skip(f"this CPU cannot run the {isa} path (best: {sparse_cpu.best_isa()})")
+
+
+def rel_err(y, ref):
+    return float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def weight_24(n, k, gen, dtype):
+    return (torch.randn(n, k, generator=gen) * selection.nm_keep_mask(torch.rand(n, k, generator=gen), 2, 4)).to(dtype)
+
+
+def weight_unstructured(n, k, gen, dtype, sparsity):
+    return (torch.randn(n, k, generator=gen) * (torch.rand(n, k, generator=gen) >= sparsity)).to(dtype)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sparse24_matches_reference(isa, dtype, gen):
+    need(isa)
+    for n, k in SHAPES:
+        W = weight_24(n, k, gen, dtype)
+        values, meta = torch.ops.prunekit.pack24(W)
+        bias = torch.randn(n, generator=gen).to(dtype)
+        for M in MS:
+            x = torch.randn(M, k, generator=gen).to(dtype)
+            ref = F.linear(x.double(), W.double(), bias.double())
+            y = sparse_cpu.s24_linear(x, values, meta, bias, isa=isa)
+            assert y.dtype == dtype and y.shape == (M, n)
+            assert rel_err(y, ref) < TOL[dtype], (isa, dtype, n, k, M)
+        y = sparse_cpu.s24_linear(x[:1], values, meta, None, isa=isa)  # no bias
+        assert rel_err(y, F.linear(x[:1].double(), W.double())) < TOL[dtype]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bitmask_matches_reference(isa, dtype, gen):
+    need(isa)
+    for (n, k), sparsity in zip(SHAPES + [(9, 8)], (0.8, 0.9, 0.5)):
+        W = weight_unstructured(n, k, gen, dtype, sparsity)
+        W[0] = 0  # an empty row
+        values, mask = bitmask.pack(W)
+        offsets = bitmask.row_offsets(mask)
+        bias = torch.randn(n, generator=gen).to(dtype)
+        for M in MS:
+            x = torch.randn(M, k, generator=gen).to(dtype)
+            ref = F.linear(x.double(), W.double(), bias.double())
+            y = sparse_cpu.bitmask_linear(x, values, mask, offsets, bias, isa=isa)
+            assert rel_err(y, ref) < TOL[dtype], (isa, dtype, n, k, M)
+
+
+def test_leading_dims_threads_and_env(gen, monkeypatch):
+    W = weight_24(24, 64, gen, torch.float32)
+    values, meta = torch.ops.prunekit.pack24(W)
+    x = torch.randn(2, 3, 64, generator=gen)
+    ref = F.linear(x, W)
+    for threads in (1, 2, 3):
+        torch.testing.assert_close(sparse_cpu.s24_linear(x, values, meta, threads=threads), ref)
+    monkeypatch.setenv(sparse_cpu.ENV_ISA, "scalar")
+    torch.testing.assert_close(sparse_cpu.s24_linear(x, values, meta), ref)
+    monkeypatch.setenv(sparse_cpu.ENV_ISA, "sse9")
+    with pytest.raises(ValueError, match="PRUNEKIT_CPU_ISA"):
+        sparse_cpu.s24_linear(x, values, meta)
+    monkeypatch.delenv(sparse_cpu.ENV_ISA)
+    assert sparse_cpu.s24_linear(torch.zeros(0, 64), values, meta).shape == (0, 24)
+
+
+def test_bitmask_packing_is_exact(gen):
+    for dtype in DTYPES:
+        W = weight_unstructured(17, 48, gen, dtype, 0.7)
+        W[3, 5] = -0.0  # a negative zero is not kept (as in the 2:4 format)
+        values, mask = bitmask.pack(W)
+        keep = W.float() != 0
+        assert values.shape == (int(keep.sum()) + bitmask.PADDING,)
+        assert torch.equal(values[:-bitmask.PADDING], W[keep])
+        assert torch.equal(bitmask.row_offsets(mask)[1:], torch.cumsum(keep.sum(1), 0))
+        for r, c in ((0, 0), (16, 47), (5, 9)):
+            assert bool((int(mask[r, c // 8]) >> (c % 8)) & 1) == bool(keep[r, c])
+        assert torch.equal(bitmask.unpack(values, mask), torch.where(keep, W, torch.zeros_like(W)))
+
+
+def test_bad_input_is_named(gen):
+    W = weight_24(8, 16, gen, torch.float32)
+    values, meta = torch.ops.prunekit.pack24(W)
+    with pytest.raises(TypeError, match="x has dtype"):
+        sparse_cpu.s24_linear(torch.randn(2, 16, dtype=torch.bfloat16), values, meta)
+    with pytest.raises(ValueError, match="in_features"):
+        sparse_cpu.s24_linear(torch.randn(2, 24), values, meta)
+    with pytest.raises(ValueError, match="bias"):
+        sparse_cpu.s24_linear(torch.randn(2, 16), values, meta, torch.zeros(7))
+    with pytest.raises(TypeError, match="float32/bfloat16/float16"):
+        sparse_cpu.s24_linear(torch.randn(2, 16).double(), values.double(), meta)
+    bv, bm = bitmask.pack(W)
+    with pytest.raises(ValueError, match="padding|at least"):
+        sparse_cpu.bitmask_linear(torch.randn(2, 16), bv[:-bitmask.PADDING], bm, bitmask.row_offsets(bm))
+    with pytest.raises(ValueError, match="row_offsets"):
+        sparse_cpu.bitmask_linear(torch.randn(2, 16), bv, bm, bitmask.row_offsets(bm)[:-1])

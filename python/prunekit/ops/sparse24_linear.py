@@ -4,8 +4,7 @@ logical 2:4 format (ref/pack24.py), any leading dims on x.
 CPU: the C++ SIMD 2:4 kernel (ops/sparse_cpu.py) or dense F.linear on the cached unpacked weight, chosen
 per (shape, dtype, M bucket) by a one-time timing (ops/sparse_cpu_route.py). CUDA: ops/sparse24_dispatch.py
 picks per (device, shape, dtype, M bucket) between the mma.sp decode kernel (csrc/cuda/sparse24_gemm.cu), the
-sm90 GEMM
-and that cached dense route, by a one-time timing per process. The default body stays the pure
+sm90 GEMM and that cached dense route, by a one-time timing per process. The default body stays the pure
 reference (no cache). Autograd: gradients for x, the kept values (masked dense backward: the
 pattern in `meta` is fixed) and bias.
 """

@@ -146,7 +146,10 @@ Status sparse_linear_cpu(const CpuSparseLinearParams& p) {
   const CpuIsa isa = p.isa == CpuIsa::kAuto ? cpu_best_isa() : p.isa;
   if (!cpu_isa_supported(isa)) return Status::kUnsupported;
   const IsaKernels kern = kernels_for(isa);
-  const int threads = p.threads > 0 ? p.threads : 1;
+  // No more threads than there is work for (~128K multiply-adds each): a small layer runs on one thread.
+  const double macs = static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) / 2.0;
+  const int useful = static_cast<int>(macs / 131072.0) + 1;
+  const int threads = p.threads < 1 ? 1 : (p.threads < useful ? p.threads : useful);
   const DType dt = p.dtype;
   const bool bm = p.format == CpuSparseFormat::kBitmask;
 

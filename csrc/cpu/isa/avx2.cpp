@@ -36,7 +36,7 @@ void s24_gemv_t(const CpuKernelArgs& a) {
   const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
   const __m256i base = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12);
   const __m256i three = _mm256_set1_epi32(3);
-#pragma omp parallel for schedule(static) num_threads(a.threads)
+#pragma omp parallel for schedule(dynamic, 32) num_threads(a.threads)
   for (std::int64_t n = 0; n < a.N; ++n) {
     const W* v = values + n * (K / 2);
     const std::uint8_t* mt = a.meta + n * (K / 8);
@@ -96,7 +96,7 @@ template <typename W>
 void s24_gemm_t(const CpuKernelArgs& a) {
   const W* values = static_cast<const W*>(a.values);
   const std::int64_t K = a.K, ld = a.ld, nrb = (a.N + kRowBlock - 1) / kRowBlock;
-#pragma omp parallel for schedule(static) num_threads(a.threads)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(a.threads)
   for (std::int64_t rb = 0; rb < nrb; ++rb) {
     const std::int64_t n0 = rb * kRowBlock, n1 = min64(a.N, n0 + kRowBlock);
     for (std::int64_t t0 = 0; t0 < ld; t0 += 4 * kTW) {
@@ -145,7 +145,7 @@ void bm_gemv_t(const CpuKernelArgs& a) {
   const std::int64_t K = a.K, nb = K / 8;
   const float* x = a.x;
   const __m256i lane_bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-#pragma omp parallel for schedule(static) num_threads(a.threads)
+#pragma omp parallel for schedule(dynamic, 32) num_threads(a.threads)
   for (std::int64_t n = 0; n < a.N; ++n) {
     const W* vp = values + a.row_offsets[n];
     const std::uint8_t* mk = a.meta + n * nb;
@@ -205,7 +205,7 @@ template <typename W>
 void bm_gemm_t(const CpuKernelArgs& a) {
   const W* values = static_cast<const W*>(a.values);
   const std::int64_t K = a.K, ld = a.ld, nb = K / 8, nrb = (a.N + kRowBlock - 1) / kRowBlock;
-#pragma omp parallel for schedule(static) num_threads(a.threads)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(a.threads)
   for (std::int64_t rb = 0; rb < nrb; ++rb) {
     const std::int64_t n0 = rb * kRowBlock, n1 = min64(a.N, n0 + kRowBlock);
     std::int64_t cursor[kRowBlock];

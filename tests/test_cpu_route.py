@@ -207,6 +207,9 @@ def test_sparsify_unstructured(gen, winner):
     assert isinstance(model[0], SparseLinear) and isinstance(model[2], UnstructuredSparseLinear)
     assert "min_sparsity" in report.skipped["4"] and isinstance(model[4], nn.Linear)
     torch.testing.assert_close(model(x), ref)
+    from prunekit.nn.swap import dense_state_dict  # save_pretrained's dense layout covers the bitmask layers
+    state = dense_state_dict(model)
+    assert torch.equal(state["2.weight"], model[2].weight) and "2.values" not in state and "2.mask" not in state
     plain = nn.Sequential(linear_unstructured(48, 32, gen, 0.8))
     assert pk.sparsify(plain).skipped and type(plain[0]) is nn.Linear  # default: 2:4 only
     with pytest.raises(ValueError, match="values"):

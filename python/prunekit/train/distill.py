@@ -83,6 +83,22 @@ def _next_token_labels(batch: dict, ignore_index: int) -> torch.Tensor:
     return labels[:, 1:]
 
 
+def lm_loss(student: nn.Module, batch: dict, teacher: nn.Module | None = None, *, temperature: float = 2.0,
+            alpha: float = 1.0) -> torch.Tensor:
+    """The training loss of one batch over positions 0..L-2 (those with a next token): with a teacher,
+    distillation_loss(student, teacher, T, alpha, next-token labels); without one, next-token
+    cross-entropy."""
+    student_logits = _forward(student, batch)
+    labels = _next_token_labels(batch, -100).to(student_logits.device)
+    if teacher is None:
+        logits = student_logits[:, :-1].float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    with torch.no_grad():
+        teacher_logits = _forward(teacher, batch)
+    return distillation_loss(student_logits[:, :-1], teacher_logits[:, :-1].to(student_logits.device),
+                             temperature, alpha, labels)
+
+
 def recover(student: nn.Module, teacher: nn.Module, batches, steps: int, lr: float = 2e-5, *,
             temperature: float = 2.0, alpha: float = 1.0, weight_decay: float = 0.0,
             max_grad_norm: float | None = 1.0, batch_size: int = 1, include=None, exclude=None,
@@ -114,13 +130,7 @@ def recover(student: nn.Module, teacher: nn.Module, batches, steps: int, lr: flo
              temperature, alpha, len(masks.layers))
     try:
         for step in tqdm(range(steps), desc="prunekit recover", unit="step", disable=not show_progress(progress)):
-            batch = items[step % len(items)]
-            with torch.no_grad():
-                teacher_logits = _forward(teacher, batch)
-            student_logits = _forward(student, batch)
-            labels = _next_token_labels(batch, -100).to(student_logits.device)
-            loss = distillation_loss(student_logits[:, :-1], teacher_logits[:, :-1].to(student_logits.device),
-                                     temperature, alpha, labels)
+            loss = lm_loss(student, items[step % len(items)], teacher, temperature=temperature, alpha=alpha)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if max_grad_norm is not None:

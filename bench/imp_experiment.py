@@ -38,6 +38,7 @@ import prunekit as pk
 from prunekit.train.imp import plot_rounds, prune_remaining
 
 CONTEXT = 12
+METRIC = "held-out bits/char"
 
 
 def load_text() -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -116,11 +117,11 @@ def one_seed(seed: int, args, train_ids, val_ids, vocab: int) -> dict:
     def imp(rewind, fine_tune: bool):
         def train_fn(model, ctx):
             if fine_tune and ctx.index > 0:
-                return t.run(model, range(args.ft_steps), args.lr / 10, ctx.index, ctx)
+                return {METRIC: t.run(model, range(args.ft_steps), args.lr / 10, ctx.index, ctx)}
             bpc = t.run(model, range(ctx.start_step, args.steps), args.lr, ctx.index, ctx)
             if ctx.index == 0:  # round 0 is the dense run (same init, data and dropout draws in every IMP run)
                 dense_state.update({k: v.clone() for k, v in model.state_dict().items()})
-            return bpc
+            return {METRIC: bpc}
         model = new_model(vocab, seed)
         began = time.perf_counter()
         result = pk.iterative_magnitude(model, train_fn, rounds=args.rounds, fraction=args.fraction,
@@ -130,9 +131,9 @@ def one_seed(seed: int, args, train_ids, val_ids, vocab: int) -> dict:
     for label, rewind, fine_tune in (("imp-rewind", args.rewind, False), ("imp-init", "init", False),
                                      ("imp-finetune", None, True)):
         result, seconds = imp(rewind, fine_tune)
-        out[label] = {"rounds": [{"sparsity": r.sparsity, "bpc": r.metric["metric"]} for r in result.rounds],
+        out[label] = {"rounds": [{"sparsity": r.sparsity, "bpc": r.metric[METRIC]} for r in result.rounds],
                       "seconds": seconds, "result": result}
-        print(f"seed {seed} {label:13s} " + " ".join(f"{r.sparsity:.3f}:{r.metric['metric']:.4f}"
+        print(f"seed {seed} {label:13s} " + " ".join(f"{r.sparsity:.3f}:{r.metric[METRIC]:.4f}"
                                                         for r in result.rounds) + f"  ({seconds:.0f} s)", flush=True)
     final_masks = out["imp-rewind"]["result"].masks
     out["dense"] = {"sparsity": 0.0, "bpc": out["imp-rewind"]["rounds"][0]["bpc"]}

@@ -190,6 +190,7 @@ def plot_rounds(results: Mapping[str, IMPResult], path: str | os.PathLike, metri
     fig = Figure(figsize=(6, 4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    ticks: set[float] = set()
     for label, result in results.items():
         name = metric or (result.metric_names[0] if result.metric_names else None)
         if name is None:
@@ -198,7 +199,10 @@ def plot_rounds(results: Mapping[str, IMPResult], path: str | os.PathLike, metri
         if not points:
             raise ValueError(f"plot_rounds: {label!r} has no metric {name!r}; it has {result.metric_names}")
         ax.plot(*zip(*points), marker="o", label=label)
+        ticks.update(round(x, 2) for x, _ in points)
     ax.set_xscale("log")
+    ax.set_xticks(sorted(ticks), [f"{x:.3g}" for x in sorted(ticks)])
+    ax.minorticks_off()
     ax.invert_xaxis()
     ax.set_xlabel("weights remaining (%)")
     ax.set_ylabel(name)

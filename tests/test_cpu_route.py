@@ -218,3 +218,16 @@ def test_sparsify_unstructured(gen, winner):
         state["values"] = torch.cat([state["values"], torch.zeros(3)])
         bad.load_state_dict(state)
     assert bitmask.PADDING == 16
+
+
+def test_tie_keeps_the_packed_weight(gen, monkeypatch):
+    lin = linear_24(16, 32, gen)
+    x = torch.randn(2, 32, generator=gen)
+    monkeypatch.setattr(route, "_median_times", lambda fns, **_: {"dense": 1.0, "sparse": 1.02})  # 0.98x: kept
+    layer = SparseLinear.from_dense(lin)
+    layer(x)
+    assert not layer.is_dense
+    route.clear()
+    monkeypatch.setattr(route, "_median_times", lambda fns, **_: {"dense": 1.0, "sparse": 1.05})  # 0.95x: dense
+    layer(x)
+    assert layer.is_dense

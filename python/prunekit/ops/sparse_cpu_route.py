@@ -1,8 +1,9 @@
 """CPU route of the sparse linear layers: the C++ SIMD kernel (ops/sparse_cpu.py) or dense F.linear, chosen per
 (format, N, K, dtype, bias, M bucket, threads) by timing both once per process on the layer's own weight.
 
-The sparse kernel is kept for a key only when it is faster than dense F.linear on a dense copy of the same
-weight (the layer the sparse one replaced). The copy built for the measurement is dropped right after it.
+The sparse kernel is kept for a key when dense F.linear on a dense copy of the same weight (the layer the sparse
+one replaced) is not faster than it by more than the 0.97x floor (TIE): medians of >= 5 interleaved calls.
+The copy built for the measurement is dropped right after it.
 `nn.SparseLinear` / `nn.UnstructuredSparseLinear` ask `decide()` before each CPU forward: once dense wins for
 any M bucket of a layer's key, the layer turns into a dense layer for good (its packed form is freed, so the
 dense weight is then the only copy: memory <= dense), and otherwise it holds only the packed weight.
@@ -23,6 +24,7 @@ log = logging.getLogger("prunekit")
 
 ENV_MODE = "PRUNEKIT_SPARSE_CPU"
 MAX_BUCKET = 256
+TIE = 0.97  # sparse is kept while dense time / sparse time >= TIE (the "never below 0.97x dense" floor)
 _choices: dict[tuple, str] = {}
 _timings: dict[tuple, dict[str, float]] = {}
 
@@ -65,7 +67,7 @@ def layer_dense(fmt: str, N: int, K: int, dtype: torch.dtype, has_bias: bool) ->
                if k[:5] == (fmt, N, K, dtype, has_bias) and k[6] == threads)
 
 
-def _median_times(fns: dict[str, Callable[[], object]], budget_s: float = 0.05, max_reps: int = 15) -> dict[str, float]:
+def _median_times(fns: dict[str, Callable[[], object]], budget_s: float = 0.1, max_reps: int = 15) -> dict[str, float]:
     """Median seconds of each fn, interleaved (a, b, a, b, ...) so that machine noise hits both alike."""
     for fn in fns.values():
         fn()  # warm-up (first-touch allocations, caches)
@@ -77,7 +79,7 @@ def _median_times(fns: dict[str, Callable[[], object]], budget_s: float = 0.05, 
             fn()
             samples[name].append(time.perf_counter() - t0)
         reps = len(next(iter(samples.values())))
-        if reps >= max_reps or (reps >= 3 and time.perf_counter() - start > budget_s):
+        if reps >= max_reps or (reps >= 5 and time.perf_counter() - start > budget_s):
             break
     return {name: sorted(s)[len(s) // 2] for name, s in samples.items()}
 
@@ -102,7 +104,8 @@ def decide(fmt: str, x2d: torch.Tensor, N: int, has_bias: bool, sparse_fn: Calla
             times = _median_times({"dense": lambda: torch.nn.functional.linear(probe, W, bias),
                                    "sparse": lambda: sparse_fn(probe)})
             del W
-        choice = "sparse" if times["sparse"] < times["dense"] else "dense"
+        # within the 0.97x floor the packed weight (half the memory) wins; a noisy tie does not unpack a layer
+        choice = "sparse" if times["sparse"] * TIE <= times["dense"] else "dense"
         _choices[k], _timings[k] = choice, times
         log.info("sparse CPU route %s: dense %.1f us, sparse %.1f us -> %s", k, times["dense"] * 1e6,
                  times["sparse"] * 1e6, choice)

@@ -29,6 +29,9 @@ _EXPORTS = {
     "QuantSpec": ("quant.quantizer", "QuantSpec"),
     "sparsegpt_quant_prune": ("quant.sparse_quant", "sparsegpt_quant_prune"),
     "quantize_rtn": ("quant.quantizer", "quantize_rtn"),
+    "Refined": ("pruning.refine", "Refined"),
+    "LeastSquares": ("pruning.least_squares", "LeastSquares"),
+    "DSnoT": ("pruning.dsnot", "DSnoT"),
     "prune": ("pipeline", "prune"),  # not prune.py: a submodule named like the function would shadow it
     "PruneReport": ("report", "PruneReport"),
     "SparseLinear": ("nn.sparse_linear", "SparseLinear"),

@@ -23,6 +23,9 @@ from . import calibrate, data, reparam
 from ._progress import show_progress
 from .pruning.allocation import Context, as_allocation
 from .pruning.base import LayerResult, PruningMethod
+from .pruning.refine import Refined
+from .pruning.refine import as_steps as refine_steps
+from .pruning.refine import check_method as check_refinable
 from .report import LayerReport, PruneReport
 
 log = logging.getLogger("prunekit")
@@ -41,7 +44,7 @@ def make_method(name: str, sparsity) -> PruningMethod:
 
 def prune(model: nn.Module, method: PruningMethod, calibration, *, include=None, exclude=None,
           offload: bool = False, device=None, blocks: str | None = None, seed: int = 0,
-          progress: bool | None = None, batch_size: int = 1, allocation=None) -> PruneReport:
+          progress: bool | None = None, batch_size: int = 1, allocation=None, refine=None) -> PruneReport:
     """Prunes `model` in place with `method` and returns a per-layer report.
 
     calibration: token ids [n_samples, seq_len] (see prunekit.data), or a list of batches (tensors or
@@ -57,6 +60,8 @@ def prune(model: nn.Module, method: PruningMethod, calibration, *, include=None,
     progress: tqdm bars (default: only when stderr is a terminal).
     allocation: per-layer sparsity: prunekit.OWL(), or a dict of layer-name pattern -> sparsity
         (see prunekit.pruning.allocation); the method's sparsity is the target.
+    refine: refinement steps run on each layer after the method, in order, on the same statistics
+        (e.g. [prunekit.DSnoT(), prunekit.LeastSquares()]; see prunekit.pruning.refine).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -65,6 +70,12 @@ def prune(model: nn.Module, method: PruningMethod, calibration, *, include=None,
                         f"got {type(method).__name__}")
     allocation = as_allocation(allocation)
     progress = show_progress(progress)  # default: bars only on a terminal
+    refine = refine_steps(refine)
+    if refine:
+        check_refinable(method)
+        if calibration is None:
+            raise ValueError("calibration: refine=... needs calibration data (each step works on the layer's "
+                             "Hessian from the calibration inputs)")
     start = time.perf_counter()
     home = calibrate.model_device(model)
     device = torch.device(device) if device is not None else home
@@ -99,6 +110,9 @@ def prune(model: nn.Module, method: PruningMethod, calibration, *, include=None,
             if allocation is not None:
                 method = allocation.apply(method, targets, Context(model, batches, device, found,
                                                                    home if offload else None, progress))
+            if refine:
+                method = Refined(method, refine)
+                report.method = repr(method)
             done = set()
             if batches is None:  # no calibration data: weights only, no error pass
                 _prune_weights_only(targets, method, report)
@@ -250,7 +264,8 @@ def _prune_layers(layers: dict[str, nn.Module], run, n_batches: int, method: Pru
         deltas[name] = dense.float() - result.weight.float()
         rows[name] = LayerReport(name=name, shape=tuple(dense.shape), pattern=str(result.pattern),
                                  sparsity=result.sparsity, error=0.0, seconds=seconds,
-                                 damping=result.damping, notes=list(result.notes))
+                                 damping=result.damping, notes=list(result.notes),
+                                 refine=[r.as_dict() for r in result.refine])
         for note in result.notes:
             log.warning(note)
     del stats

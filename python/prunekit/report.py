@@ -34,6 +34,7 @@ class LayerReport:
     seconds: float                 # time the method spent on this layer
     damping: float | None = None   # SparseGPT: damping that made the Hessian positive definite
     notes: list[str] = field(default_factory=list)
+    refine: list[dict] = field(default_factory=list)  # per refinement step: step, error_before/after, seconds, changed
 
     @property
     def numel(self) -> int:
@@ -115,7 +116,21 @@ class PruneReport:
         rule = "-" * len(line(header))
         notes = [f"note: {layer.name}: {n}" for layer in self.layers for n in layer.notes]
         return "\n".join([f"{self.method} pruning, {self.seconds:.1f} s", line(header), rule,
-                          *map(line, rows[:-1]), rule, line(rows[-1]), *notes])
+                          *map(line, rows[:-1]), rule, line(rows[-1]), *self._refine_lines(), *notes])
+
+    def _refine_lines(self) -> list[str]:
+        """One line per refinement step: its error change summed over layers (on each layer's
+        calibration statistics) and its time."""
+        steps: dict[str, list[float]] = {}
+        for layer in self.layers:
+            for r in layer.refine:
+                total = steps.setdefault(r["step"], [0.0, 0.0, 0.0, 0])
+                total[0] += r["error_before"]
+                total[1] += r["error_after"]
+                total[2] += r["seconds"]
+                total[3] += r["changed"]
+        return [f"refine {step}: error {b:.4g} -> {a:.4g} ({100 * (a - b) / b if b else 0.0:+.1f}%), "
+                f"{int(c)} changed, {sec:.3f} s" for step, (b, a, sec, c) in steps.items()]
 
     def plot(self, path: str | os.PathLike) -> None:
         """A PNG of per-layer sparsity and reconstruction error (needs matplotlib). Draws on a standalone

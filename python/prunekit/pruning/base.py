@@ -23,6 +23,7 @@ class LayerResult:
     damping: float | None = None  # SparseGPT: the damping that made H positive definite
     loss_estimate: float | None = None  # SparseGPT: the OBS loss sum the sweep accumulated
     notes: list[str] = field(default_factory=list)  # recoveries a user should know of; each names the layer
+    refine: list = field(default_factory=list)      # RefineRecord of each refinement step (pruning/refine.py)
 
     @property
     def sparsity(self) -> float:

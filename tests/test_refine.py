@@ -108,9 +108,23 @@ def test_least_squares_guard_keeps_better_input_rows():
     after = pk.LeastSquares(percdamp=10).apply(W, before, stats_of(H), "fc")
     solved, _, _ = least_squares_weights(W, before.mask, H, 10)
     worse = row_errors(W, solved, H) > row_errors(W, before.weight, H)
-    assert 0 < int(worse.sum()) < 16 and after.refine[0].changed == 16 - int(worse.sum())
+    assert 0 < int(worse.sum()) < 16 and after.refine[0].reverted == int(worse.sum())
     assert torch.equal(after.weight[worse], before.weight[worse])
     assert torch.equal(after.weight[~worse], solved[~worse])
+
+
+def test_steps_on_bf16_weights_never_raise_the_error():
+    """Rows the cast back to bf16 would make worse than their input keep the input."""
+    W, H = layer(24, 64, seed=5)
+    W = W.bfloat16()
+    stats = stats_of(H)
+    result = pk.SparseGPT("2:4").prune_layer(W.clone(), stats, "fc")
+    for step in (pk.DSnoT(), pk.LeastSquares()):
+        result2 = step.apply(W, result, stats, "fc")
+        assert result2.weight.dtype == torch.bfloat16
+        assert (row_errors(W, result2.weight, H) <= row_errors(W, result.weight, H)).all()
+        assert pattern_ok(result2.mask, result.mask, result.pattern)
+        result = result2
 
 
 # ------------------------------------------------------------------------------------- DSnoT

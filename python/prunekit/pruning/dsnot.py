@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validate, patterns
-from .refine import RefineStep, row_errors
+from .refine import RefineStep
 
 
 def dsnot_swaps(W: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, H: torch.Tensor, pattern, *,
@@ -106,8 +106,8 @@ class DSnoT(RefineStep):
     max_iter: swaps per row at most (DSnoT's max cycle count, 50 by default); candidates: how many of
     the best regrowth candidates each row pairs with a weight to prune (unstructured only; N:M searches
     every pair); tol: a swap must lower the row's error by more than tol × its error.
-    Rows that end with a higher error than their input (possible only through float32 round-off) are
-    restored. `changed` in the record counts the swaps made.
+    Rows that end with a higher error than their input (possible only through round-off) are restored
+    (RefineStep.apply). `changed` in the record counts the swaps made.
     """
 
     def __init__(self, max_iter: int = 50, candidates: int = 1, tol: float = 1e-6):
@@ -123,10 +123,6 @@ class DSnoT(RefineStep):
         weight, mask, swaps = dsnot_swaps(dense, result.weight, result.mask, H, result.pattern,
                                           max_iter=self.max_iter, candidates=self.candidates, tol=self.tol,
                                           name=name)
-        worse = row_errors(dense, weight, H) > row_errors(dense, result.weight, H)
-        if bool(worse.any()):
-            weight = torch.where(worse[:, None], result.weight.float(), weight)
-            mask = torch.where(worse[:, None], result.mask, mask)
         return weight, mask, swaps, []
 
     def __repr__(self) -> str:

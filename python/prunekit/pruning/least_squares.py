@@ -16,14 +16,14 @@ damping x10 per step, and says so in the notes. The plain reference (one dense s
 prunekit.ref.least_squares.
 
 `LeastSquares` (the refinement step) keeps, per row, whichever of the input and the solved weights has
-the lower *undamped* error, so the step never raises the layer's reconstruction error.
+the lower *undamped* error (RefineStep.apply), so the step never raises the layer's reconstruction error.
 """
 from __future__ import annotations
 
 import torch
 
 from .. import _validate
-from .refine import RefineStep, row_errors
+from .refine import RefineStep
 
 MAX_PERCDAMP = 10.0
 
@@ -117,7 +117,7 @@ class LeastSquares(RefineStep):
 
     percdamp: relative damping λ = percdamp · mean(diag(H)), as SparseGPT's (default 0.01).
     Rows whose solved weights have a higher undamped error than their input keep the input (damping
-    makes this possible, rarely); `changed` in the record counts the rows updated.
+    makes this possible, rarely; RefineStep.apply); the record counts rows solved and rows reverted.
     """
 
     def __init__(self, percdamp: float = 0.01, max_bytes: int = 1 << 28):
@@ -128,9 +128,7 @@ class LeastSquares(RefineStep):
     def refine(self, dense, result, H, name):
         solved, _, notes = least_squares_weights(dense, result.mask, H, self.percdamp, name=name,
                                                  max_bytes=self.max_bytes)
-        better = row_errors(dense, solved, H) <= row_errors(dense, result.weight, H)
-        weight = torch.where(better[:, None], solved, result.weight.float())
-        return weight, result.mask, int(better.sum()), notes
+        return solved, result.mask, int(result.mask.any(1).sum()), notes
 
     def __repr__(self) -> str:
         return f"LeastSquares(percdamp={self.percdamp:g})"

@@ -39,11 +39,6 @@ def row_errors(dense: torch.Tensor, weight: torch.Tensor, H: torch.Tensor) -> to
     return ((delta @ H.double()) * delta).sum(1)
 
 
-def layer_error(dense: torch.Tensor, weight: torch.Tensor, stats: LayerStats) -> float:
-    """Σ_tokens ||(W − Ŵ) x||² on the calibration inputs the statistics saw (the pipeline's error)."""
-    return float(row_errors(dense, weight, stats.hessian).sum()) * stats.nsamples / 2
-
-
 def check_inputs(dense: torch.Tensor, result: LayerResult, stats: LayerStats | None, step, name: str
                  ) -> torch.Tensor:
     """Validates a step's inputs; returns H (float32, on the weight's device)."""
@@ -72,16 +67,22 @@ class RefineRecord:
     error_before: float
     error_after: float
     seconds: float
-    changed: int = 0               # LeastSquares: rows updated; DSnoT: swaps made
+    changed: int = 0               # LeastSquares: rows solved; DSnoT: swaps made
+    reverted: int = 0              # rows given back their input because the step made them worse
     notes: tuple[str, ...] = ()
 
     def as_dict(self) -> dict:
         return {"step": self.step, "error_before": self.error_before, "error_after": self.error_after,
-                "seconds": self.seconds, "changed": self.changed}
+                "seconds": self.seconds, "changed": self.changed, "reverted": self.reverted}
 
 
 class RefineStep:
-    """Base class: `refine(dense, result, H, name)` returns (weight float32, mask, changed, notes)."""
+    """Base class: `refine(dense, result, H, name)` returns (weight float32, mask, changed, notes).
+
+    `apply` wraps it: per row it keeps the step's output only where the row's error on the undamped H,
+    in the layer's dtype, is not higher than the input's (damping, float32 round-off or the cast to
+    bf16/fp16 could otherwise raise it), so no step ever raises the layer's reconstruction error.
+    """
 
     def refine(self, dense: torch.Tensor, result: LayerResult, H: torch.Tensor, name: str):
         raise NotImplementedError
@@ -91,13 +92,21 @@ class RefineStep:
         """Runs the step on one layer; returns a new LayerResult with a RefineRecord appended."""
         H = check_inputs(dense, result, stats, self, name)
         began = time.perf_counter()
-        before = layer_error(dense, result.weight, stats)
+        before = row_errors(dense, result.weight, H)
         weight, mask, changed, notes = self.refine(dense, result, H, name)
         weight = weight.to(result.weight.dtype)
-        after = layer_error(dense, weight, stats)
+        after = row_errors(dense, weight, H)
+        worse = after > before
+        reverted = int(worse.sum())
+        if reverted:
+            weight = torch.where(worse[:, None], result.weight, weight)
+            mask = torch.where(worse[:, None], result.mask, mask)
+            after = torch.where(worse, before, after)
         if dense.device.type == "cuda":
             torch.cuda.synchronize(dense.device)
-        record = RefineRecord(repr(self), before, after, time.perf_counter() - began, changed, tuple(notes))
+        scale = stats.nsamples / 2  # Σ_tokens ||δx||² = n/2 · δᵀHδ
+        record = RefineRecord(repr(self), float(before.sum()) * scale, float(after.sum()) * scale,
+                              time.perf_counter() - began, changed, reverted, tuple(notes))
         return replace(result, weight=weight, mask=mask, notes=list(result.notes) + list(notes),
                        refine=list(result.refine) + [record])
 

@@ -1,8 +1,12 @@
-"""2:4 linear vs dense: `python bench/bench_linear.py [--shapes ..] [--M ..] [--out DIR]` (needs a CUDA GPU).
+"""2:4 linear vs dense: `python bench/bench_linear.py [--shapes ..] [--M ..] [--splits ..] [--out DIR]` (needs a
+CUDA GPU).
 
 Providers: dense F.linear, torch's to_sparse_semi_structured (where it runs), prunekit SparseLinear
-(timed dispatch, `prunekit`), the mma.sp kernel forced (`prunekit_mma`, M <= 64) and the Hopper CUTLASS
-sm90 GEMM forced (`prunekit_sm90`, M > 64 on compute capability 9.x). Shapes are
+(timed dispatch, `prunekit`), and every kernel registered with the dispatcher, forced: `prunekit_<name>`
+(ops/sparse24_dispatch.KERNELS: `mma`, the mma.sp decode kernel, M <= 64; `sm90`, the Hopper CUTLASS GEMM,
+M > 64 on compute capability 9.x; decode-kernel variants registered there appear here by themselves).
+`--splits S ...` adds `prunekit_mma@sS`: the mma kernel with its split-K count forced (PRUNEKIT_SPARSE24_SPLITS).
+Self-checks are off while timing (PRUNEKIT_SELFCHECK=0); each row's rel_err is checked against fp32. Shapes are
 out x in features. Decode sizes (M <= 64) rotate through enough weight copies to exceed 3x the L2,
 so the weights stream from HBM as in a real model. Writes DIR/bench_linear.json and .md (bench/common.py).
 """
@@ -22,8 +26,20 @@ import common  # noqa: E402
 
 SHAPES = ["4096x4096", "11008x4096", "4096x11008", "14336x4096"]
 MS = [1, 16, 64, 256, 1024, 4096, 16384]
-PROVIDERS = ["dense", "torch_24", "prunekit", "prunekit_mma", "prunekit_sm90"]
-FORCED = {"prunekit_mma": "mma", "prunekit_sm90": "sm90"}
+BASE_PROVIDERS = ["dense", "torch_24", "prunekit"]
+
+
+def kernel_providers() -> dict[str, str]:
+    """{provider: forced kernel name} for every kernel registered with the dispatcher."""
+    try:
+        from prunekit.ops import sparse24_dispatch
+    except ImportError:  # the bench still parses its arguments without prunekit
+        return {"prunekit_mma": "mma", "prunekit_sm90": "sm90"}
+    return {f"prunekit_{name}": name for name in sparse24_dispatch.KERNELS}
+
+
+FORCED = kernel_providers()
+PROVIDERS = BASE_PROVIDERS + list(FORCED)
 
 
 def parse_args(argv=None):
@@ -33,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=PROVIDERS)
     p.add_argument("--modes", nargs="+", choices=["graph", "eager"], default=["graph", "eager"])
+    p.add_argument("--splits", nargs="*", type=int, default=[],
+                   help="also time the mma kernel at these forced split-K counts (decode sizes)")
     common.add_out_arg(p)
     return p.parse_args(argv)
 
@@ -75,7 +93,7 @@ def provider_calls(provider, weights, x, bias):
             if bias is not None:
                 lin.bias.copy_(bias)
         modules.append(SparseLinear.from_dense(lin).requires_grad_(False))
-    if provider == "prunekit_mma" and x.shape[0] > 64:
+    if provider.startswith("prunekit_mma") and x.shape[0] > 64:
         return None, "mma.sp kernel is for M <= 64"
     if provider == "prunekit_sm90":
         from prunekit.ops import sparse24_dispatch, sparse24_sm90
@@ -93,9 +111,16 @@ def bench_case(run: dict, shape: str, M: int, dtype, device, args) -> list[dict]
     bias = None
     rows = []
     reference = F.linear(x.float(), weights[0].float())
-    for provider in args.providers:
-        os.environ["PRUNEKIT_SPARSE24_KERNEL"] = FORCED.get(provider, "auto")
-        calls, why = provider_calls(provider, weights, x, bias)
+    os.environ["PRUNEKIT_SELFCHECK"] = "0"  # timing only; rel_err below checks every provider's output
+    providers = list(args.providers) + [f"prunekit_mma@s{s}" for s in args.splits if M <= 64]
+    for provider in providers:
+        base, _, splits = provider.partition("@s")
+        os.environ["PRUNEKIT_SPARSE24_KERNEL"] = FORCED.get(base, "auto")
+        if splits:
+            os.environ["PRUNEKIT_SPARSE24_SPLITS"] = splits
+        else:
+            os.environ.pop("PRUNEKIT_SPARSE24_SPLITS", None)
+        calls, why = provider_calls(base, weights, x, bias)
         if calls is None:
             print(f"skip {provider} {shape} M={M}: {why}", file=sys.stderr)
             continue
@@ -112,7 +137,8 @@ def bench_case(run: dict, shape: str, M: int, dtype, device, args) -> list[dict]
                                    timing=timing, flops=2.0 * M * n * k,
                                    bytes_moved=weight_bytes + (M * k + M * n) * 2,
                                    rel_err=err, weight_copies=copies))
-    os.environ.pop("PRUNEKIT_SPARSE24_KERNEL", None)
+    for name in ("PRUNEKIT_SPARSE24_KERNEL", "PRUNEKIT_SPARSE24_SPLITS", "PRUNEKIT_SELFCHECK"):
+        os.environ.pop(name, None)
     add_vs_dense(rows)
     return rows
 

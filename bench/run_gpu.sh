@@ -1,30 +1,36 @@
 #!/usr/bin/env bash
 # The one command a GPU session runs on the device machine (bench/RESULTS.md shows the tool call):
 #
-#   PRUNEKIT_COMMIT=<sha> bench/run_gpu.sh [stage ...]     (default: env build tests linear decode prune model table)
+#   PRUNEKIT_COMMIT=<sha> bench/run_gpu.sh [stage ...]
+#   (default: env build selftest tests sanitize linear decode prune model table; correctness first)
 #
 # Stages run in the order given:
 #   env     nvidia-smi, versions, device properties
-#   build   PRUNEKIT_CUDA=ON editable install into $PYTHON; CUTLASS from a carried .whl/nvidia_cutlass*.whl
-#           (or an installed cutlass_library, or CUTLASS_DIR) when there is one. Any stage that needs
-#           prunekit builds first when its CUDA module does not load (a fresh machine).
+#   build   PRUNEKIT_CUDA=ON editable install into $PYTHON for this GPU's architecture only; CUTLASS from a
+#           carried .whl/nvidia_cutlass*.whl (or an installed cutlass_library, or CUTLASS_DIR). Any stage
+#           that needs prunekit builds first when its CUDA module does not load (a fresh machine).
+#   selftest  prunekit selftest --device cuda --strict --json $OUT/selftest.json: every kernel vs its reference
 #   tests   PRUNEKIT_REQUIRE_CUDA=1 pytest -m gpu (a missing CUDA build fails instead of skipping)
+#   sanitize  compute-sanitizer memcheck on one mma.sp decode call and one sm90 call (bench/sanitize_calls.py)
 #   suite   the whole test suite with PRUNEKIT_REQUIRE_CUDA=1 (slow; not in the default list)
-#   linear  bench/bench_linear.py $LINEAR_ARGS      decode bench/bench_decode.py $DECODE_ARGS
+#   linear  bench/bench_linear.py $LINEAR_ARGS (decode sizes and the split-K sweep first; every kernel
+#           registered with the dispatcher is a provider)      decode bench/bench_decode.py $DECODE_ARGS
 #   prune   bench/bench_prune.py $PRUNE_ARGS        model  bench/bench_model.py $MODEL_ARGS
 #   table   bench/results_table.py over $OUT/bench_*.json -> $OUT/results.md (printed last); each rendered
 #           bench's .md (the same tables) is then removed, so the files stay within the device's 8
 #
-# Files under $OUT (the device tool brings back 8 at most): run.log (everything printed), results.md,
-# bench_{linear,decode,prune,model}.json. Without $OUT (not on the device machine) they go to bench/results.
+# Files under $OUT (the device tool brings back 8 at most): run.log (everything printed, sanitizer output
+# included), results.md, selftest.json, bench_{linear,decode,prune,model}.json: 7. Without $OUT (not on the device machine) they go to bench/results.
 # Time: the device allows 600 s per command, so stages share DEADLINE_S (default 570 s) and each is cut
-# at its own *_TIMEOUT; benches rewrite their JSON after every case, so a cut stage keeps what it finished.
+# at its own limit; benches rewrite their JSON after every case, so a cut stage keeps what it finished.
+# Budget (s): build 200 (measured: see bench/RESULTS.md), selftest 90, tests 150, sanitize 75, linear 120,
+# decode 90, then prune/model with what is left.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-ALL_STAGES=(env build tests suite linear decode prune model table)
-DEFAULT_STAGES=(env build tests linear decode prune model table)
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+ALL_STAGES=(env build selftest tests sanitize suite linear decode prune model table)
+DEFAULT_STAGES=(env build selftest tests sanitize linear decode prune model table)
+usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
 
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=("${DEFAULT_STAGES[@]}")
@@ -41,7 +47,7 @@ mkdir -p "$OUT"
 LOG=$OUT/run.log
 PY=${PYTHON:-python3}
 DEADLINE_S=${DEADLINE_S:-570}
-LINEAR_ARGS=${LINEAR_ARGS:---shapes 4096x4096 11008x4096 4096x11008 --M 1 16 64 256 4096 --modes graph}
+LINEAR_ARGS=${LINEAR_ARGS:---shapes 11008x4096 4096x11008 4096x4096 --M 1 16 64 256 4096 --modes graph --splits 1 2 4 8 16}
 PRUNE_ARGS=${PRUNE_ARGS:---shapes 4096x4096,4096x11008 --patterns 0.5,2:4}
 DECODE_ARGS=${DECODE_ARGS:---layers 32 --prompt 32 --new-tokens 128}
 MODEL_ARGS=${MODEL_ARGS:---blocks 8 --samples 128 --seq-len 2048 --offload both}
@@ -127,7 +133,7 @@ stage_build() {
   local define=()
   [ -n "$arch" ] && define=(--config-settings=cmake.define.CMAKE_CUDA_ARCHITECTURES="$arch")
   echo "== build for CUDA architectures: ${arch:-CMake default}"
-  run_limited build "$(stage_timeout 300)" \
+  run_limited build "$(stage_timeout 200)" \
     env PRUNEKIT_CUDA=ON "$PY" -m pip install --no-build-isolation --no-deps -q -e . "${define[@]}" || return 1
   "$PY" -c "import prunekit, json; print(json.dumps(prunekit.backends(), indent=1))"
   cuda_module_loads || { echo "== build: the CUDA module does not load (backends above say why)"; return 1; }
@@ -140,9 +146,21 @@ ensure_built() {
   run_stage build
 }
 
+stage_selftest() {
+  run_limited selftest "$(stage_timeout 90)" "$PY" -m prunekit.selftest --device cuda --strict --json "$OUT/selftest.json"
+}
+
 stage_tests() {
-  run_limited tests "$(stage_timeout 240)" \
+  run_limited tests "$(stage_timeout 150)" \
     env PRUNEKIT_REQUIRE_CUDA=1 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests
+}
+
+stage_sanitize() {
+  local cs
+  cs=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+  if [ -z "$cs" ]; then echo "== sanitize: compute-sanitizer not found"; return 1; fi
+  run_limited sanitize "$(stage_timeout 75)" \
+    "$cs" --tool memcheck --error-exitcode 3 --print-limit 20 "$PY" bench/sanitize_calls.py
 }
 
 stage_suite() {
@@ -151,12 +169,12 @@ stage_suite() {
 
 stage_linear() {
   # shellcheck disable=SC2086  # the *_ARGS are word lists on purpose
-  run_limited linear "$(stage_timeout 150)" "$PY" bench/bench_linear.py --out "$OUT" $LINEAR_ARGS
+  run_limited linear "$(stage_timeout 120)" "$PY" bench/bench_linear.py --out "$OUT" $LINEAR_ARGS
 }
 
 stage_decode() {
   # shellcheck disable=SC2086
-  run_limited decode "$(stage_timeout 150)" "$PY" bench/bench_decode.py --out "$OUT" $DECODE_ARGS
+  run_limited decode "$(stage_timeout 90)" "$PY" bench/bench_decode.py --out "$OUT" $DECODE_ARGS
 }
 
 stage_prune() {
@@ -184,7 +202,7 @@ run_stage() {
   echo
   echo "===== $name ($((SECONDS - START))s elapsed) ====="
   case $name in
-    tests|suite|linear|decode|prune|model) ensure_built || { STATUS[$name]="not run: build failed"; return 1; } ;;
+    selftest|tests|sanitize|suite|linear|decode|prune|model) ensure_built || { STATUS[$name]="not run: build failed"; return 1; } ;;
   esac
   "stage_$name"
   rc=$?

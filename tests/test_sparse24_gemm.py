@@ -191,3 +191,33 @@ def test_kernel_on_a_device_that_is_not_current(monkeypatch):
     assert y.device == torch.device("cuda:1")
     expected = x.float() @ W.float().t()
     assert float((y.float().cpu() - expected).abs().max() / expected.abs().max()) < 1e-2
+
+
+def test_plain_mma_sp_form_for_cuda_before_12_5(tmp_path):
+    """CUDA 12.0-12.4 has no mma.sp::ordered_metadata (PTX ISA 8.5): the kernel then emits plain mma.sp
+    (as CUTLASS does). Compiled here with the gate forced off, it must emit only the plain form."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("no nvcc here")
+    root = Path(__file__).resolve().parents[1]
+    ptx = tmp_path / "plain.ptx"
+    subprocess.run([nvcc, "-std=c++17", f"-I{root / 'csrc/include'}", "-DPRUNEKIT_MMA_SP_ORDERED=0",
+                    "-gencode=arch=compute_80,code=compute_80", "-ptx", str(root / "csrc/cuda/sparse24_gemm.cu"),
+                    "-o", str(ptx)], check=True, capture_output=True, timeout=300)
+    text = ptx.read_text()
+    assert "mma.sp.sync.aligned.m16n8k32" in text and "ordered_metadata" not in text
+
+
+def test_backends_report_the_mma_sp_form():
+    from prunekit import _native
+
+    mod = _native.cuda_module()
+    if mod is None:
+        pytest.skip("this build has no CUDA module")
+    info = _native.backends()["cuda"]["sparse24_mma_sp"]
+    expected = "mma.sp::ordered_metadata" if mod.CUDA_RUNTIME_VERSION >= 12050 else "mma.sp"
+    assert info["form"] == expected and (info["reason"] == "") == (expected != "mma.sp")

@@ -27,6 +27,25 @@
 namespace prunekit {
 namespace {
 
+// mma.sp::ordered_metadata needs PTX ISA 8.5 (CUDA >= 12.5); older toolkits only know plain mma.sp.
+// Our metadata always lists the kept positions in ascending order, which is what both forms read on
+// sm_80+ (CUTLASS gates the same way, include/cutlass/arch/mma_sparse_sm80.h); the ordered form is
+// preferred where it exists (the plain one is deprecated in PTX ISA 8.5). PRUNEKIT_MMA_SP_ORDERED=0/1
+// overrides (tests compile both forms); the module reports which one it holds (SPARSE24_MMA_SP_FORM).
+#ifndef PRUNEKIT_MMA_SP_ORDERED
+#if defined(__CUDACC_VER_MAJOR__) && \
+    ((__CUDACC_VER_MAJOR__ > 12) || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 5))
+#define PRUNEKIT_MMA_SP_ORDERED 1
+#else
+#define PRUNEKIT_MMA_SP_ORDERED 0
+#endif
+#endif
+#if PRUNEKIT_MMA_SP_ORDERED
+#define PRUNEKIT_MMA_SP "mma.sp::ordered_metadata"
+#else
+#define PRUNEKIT_MMA_SP "mma.sp"
+#endif
+
 constexpr int kWarps = kSparse24RowsPerBlock / 16;
 constexpr std::uint64_t kZeroGroupsMeta = 0x4444444444444444ull;  // nibble 0x4 (positions 0,1) everywhere
 
@@ -56,13 +75,13 @@ __device__ __forceinline__ void mma_sp(float (&d)[4], const std::uint32_t (&a)[4
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   if constexpr (kBF16) {
     asm volatile(
-        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
+        PRUNEKIT_MMA_SP ".sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, 0x0;\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e));
   } else {
     asm volatile(
-        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
+        PRUNEKIT_MMA_SP ".sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, 0x0;\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e));
@@ -231,4 +250,8 @@ Status sparse24_decode_gemm(const void* x, const void* values, const std::uint8_
   return cudaPeekAtLastError() == cudaSuccess ? Status::kOk : Status::kCudaError;
 }
 
+}  // namespace prunekit
+
+namespace prunekit {
+const char* sparse24_mma_sp_form() { return PRUNEKIT_MMA_SP; }
 }  // namespace prunekit

@@ -88,6 +88,13 @@ def backends() -> dict[str, dict[str, object]]:
             cuda_info["available"] = cuda_info["devices"] > 0
             if not cuda_info["available"]:
                 cuda_info["reason"] = "built with CUDA, but no CUDA device is visible"
+        if hasattr(cuda, "SPARSE24_MMA_SP_FORM"):  # the decode kernel's instruction (CUDA < 12.5: plain mma.sp)
+            form = cuda.SPARSE24_MMA_SP_FORM
+            cuda_info["sparse24_mma_sp"] = {
+                "form": form,
+                "reason": "" if form.endswith("ordered_metadata") else
+                "built with CUDA < 12.5 (no PTX ISA 8.5): plain mma.sp, same results with prunekit's ascending "
+                "metadata; rebuild with CUDA >= 12.5 for the ordered form"}
         if hasattr(cuda, "sparse24_sm90_compiled"):  # the Hopper 2:4 prefill GEMM needs CUTLASS at build time
             cuda_info["sparse24_sm90"] = {"available": bool(cuda.sparse24_sm90_compiled()),
                                           "reason": cuda.sparse24_sm90_reason()}

@@ -168,6 +168,9 @@ def _parser() -> argparse.ArgumentParser:
 
     b = commands.add_parser("backends", help="which native/Triton/CUDA paths are live")
     b.set_defaults(run=_backends)
+
+    from .selftest import add_parser as add_selftest  # every kernel vs its reference (selftest.py)
+    add_selftest(commands)
     return parser
 
 

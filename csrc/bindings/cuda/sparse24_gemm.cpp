@@ -24,6 +24,7 @@ void register_sparse24_gemm(pybind11::module_& m) {
   m.attr("SPARSE24_MAX_TOKENS") = prunekit::kSparse24MaxTokens;
   m.attr("SPARSE24_CHUNK_K") = prunekit::kSparse24ChunkK;
   m.attr("SPARSE24_ROWS_PER_BLOCK") = prunekit::kSparse24RowsPerBlock;
+  m.attr("SPARSE24_MMA_SP_FORM") = prunekit::sparse24_mma_sp_form();
   m.def("sparse24_decode_gemm", &sparse24_decode_gemm,
         "y[M,N] = x[M,K] @ W.T + bias with W 2:4 (logical format); M <= 64, K % 64 == 0, bf16/fp16; "
         "workspace fp32 [splits, M, N]");

@@ -21,4 +21,7 @@ Status sparse24_decode_gemm(const void* x, const void* values, const std::uint8_
                             float* workspace, std::int64_t M, std::int64_t N, std::int64_t K, int splits,
                             int chunks_per_split, DType dtype, cudaStream_t stream);
 
+// The sparse MMA instruction this build emits: "mma.sp::ordered_metadata" (CUDA >= 12.5) or "mma.sp".
+const char* sparse24_mma_sp_form();
+
 }  // namespace prunekit

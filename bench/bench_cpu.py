@@ -33,7 +33,7 @@ import common  # noqa: E402
 import prunekit as pk  # noqa: E402
 from prunekit.nn.sparse_linear import SparseLinear  # noqa: E402
 from prunekit.nn.unstructured_linear import UnstructuredSparseLinear  # noqa: E402
-from prunekit.ops import sparse_cpu, sparse_cpu_route  # noqa: E402
+from prunekit.ops import sparse24_dense, sparse_cpu, sparse_cpu_route  # noqa: E402
 from prunekit.ref import bitmask, selection  # noqa: E402
 
 SHAPES = ["4096x4096", "11008x4096", "4096x11008", "384x384", "1536x384", "384x1536"]  # out x in
@@ -231,6 +231,8 @@ def weight_bytes(model) -> int:
         if isinstance(module, (SparseLinear, UnstructuredSparseLinear)):
             held = [module._dense_weight] if module.is_dense else [module.values, getattr(module, "meta", None),
                                                                     getattr(module, "mask", None)]
+            if isinstance(module, SparseLinear) and not module.is_dense:  # the op's cached dense route
+                held.append(sparse24_dense._unpacked.lookup(module.values, module.meta))
             total += sum(t.numel() * t.element_size() for t in held if t is not None)
         elif isinstance(module, nn.Linear):
             total += module.weight.numel() * module.weight.element_size()
@@ -324,6 +326,7 @@ def parse_args(argv=None):
     p.add_argument("--min-s", type=float, default=0.0, help="keep repeating each case for at least this long")
     p.add_argument("--max-copies", type=int, default=64)
     p.add_argument("--one-thread-only", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the run (default: torch's)")
     p.add_argument("--no-csr", action="store_true")
     p.add_argument("--parts", nargs="+", choices=["layers", "decode", "minilm"], default=["layers", "decode", "minilm"])
     p.add_argument("--hidden", type=int, default=2048)
@@ -349,6 +352,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not sparse_cpu.available():
         print("bench_cpu: prunekit._C has no sparse_linear_cpu (rebuild prunekit)", file=sys.stderr)
         return 1

@@ -149,6 +149,9 @@ def test_inference_mode_and_training_keep_packed(gen, winner):
     trainable = SparseLinear.from_dense(linear_24(16, 32, gen).requires_grad_(True))
     trainable(x)
     assert not trainable.is_dense  # a layer being trained keeps its packed (2:4-preserving) values
+    with torch.no_grad():  # inference on a model whose parameters require grad (HF generate): one copy
+        trainable(x)
+    assert trainable.is_dense and len(sparse24_dense._unpacked) <= 1
 
 
 def test_torch_compile(gen, monkeypatch):

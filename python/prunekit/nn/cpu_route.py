@@ -4,7 +4,8 @@ it does, the layer holds only its packed weight. Once dense wins for some bucket
 good: the dense weight becomes its only copy (memory <= the nn.Linear it replaced) and the forward is F.linear.
 `state_dict()` (and so pk.save) still writes the packed format; `repack()` returns to the packed form.
 
-Not switched: layers whose packed values require grad (training), calls under torch.compile tracing (run one
+Not switched: layers whose packed values require grad while grad mode is on (training; under no_grad /
+inference_mode, e.g. transformers' generate, they are switched), calls under torch.compile tracing (run one
 eager forward per input size first so the choice is made; the compiled op then follows the recorded choice),
 non-CPU inputs, and PRUNEKIT_SPARSE_CPU=sparse|dense (forced: the op runs that route on the packed weight).
 """
@@ -48,7 +49,8 @@ class CpuRouted:
             return F.linear(x, self._dense_weight, self.bias)
         values = self.values
         if (x.device.type != "cpu" or values.device.type != "cpu" or x.dtype != values.dtype
-                or x.shape[-1] != self.in_features or values.requires_grad or torch.compiler.is_compiling()
+                or x.shape[-1] != self.in_features or (values.requires_grad and torch.is_grad_enabled())
+                or torch.compiler.is_compiling()
                 or route.mode() != "auto"):
             return None
         bias = None if self.bias is None else self.bias.detach()

@@ -155,7 +155,7 @@ def test_backends_through_the_module_entry_point():
 def fake_checkpoint(tmp_path):
     folder = tmp_path / "ckpt"
     folder.mkdir()
-    (folder / "config.json").write_text("{}")
+    (folder / "config.json").write_text('{"max_position_embeddings": 64}')
     return str(folder)
 
 
@@ -212,6 +212,8 @@ def test_every_bad_argument_is_one_line_before_any_model_load(tmp_path, capsys, 
         (prune("--n-samples", "0"), "positive integer"),
         (prune("--batch-size", "-1"), "positive integer"),
         (prune("--seq-len", "x"), "positive integer"),
+        (prune("--seq-len", "65"), "longer than the model supports (64 positions)"),
+        (["eval", "--model", model, "--data", TEXT, "--seq-len", "100"], "longer than the model supports"),
         (prune("--quant-bits", "4"), "sparsegpt only"),
         (prune(method="sparsegpt", *("--quant-bits", "9")), "2..8"),
         (prune(sparsity="2:4", *("--owl",)), "N:M"),

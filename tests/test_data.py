@@ -112,3 +112,13 @@ def test_max_positions_reads_the_config():
     assert data.max_positions(transformers.GPT2Config(n_positions=77)) == 77
     assert data.max_positions(transformers.LlamaConfig(max_position_embeddings=99)) == 99
     assert data.max_positions(object()) is None
+
+
+def test_too_little_text_for_distinct_windows_is_warned():
+    with pytest.warns(UserWarning, match=r"fewer than n_samples x seq_len = 4 x 10 = 40: the calibration windows overlap"):
+        data.windows(torch.arange(30), 4, seq_len=10)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data.windows(torch.arange(40), 4, seq_len=10)

@@ -67,3 +67,21 @@ def test_a_parametrized_weight_is_refused_before_any_change():
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj\.weight is a torch\.nn\.utils\.parametrize"):
         pk.prune(model, pk.Magnitude(0.5), calib_ids(2, 8), progress=False)
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, first)
+
+
+def test_sparsify_packs_the_effective_weight_of_a_torch_pruned_layer():
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8)
+    mask = torch.zeros(8, 16)
+    mask.view(8, 4, 4)[:, :, :2] = 1  # 2:4 through torch's mask, the stored weight_orig is dense
+    torch_prune.custom_from_mask(layer, "weight", mask)
+    model = nn.Sequential(layer)
+    x = torch.randn(3, 16)
+    expected = model(x)
+    report = pk.sparsify(model)
+    assert report.swapped == ["0"]
+    torch.testing.assert_close(model(x), expected)
+
+    other = nn.Sequential(nn.Linear(16, 8))
+    parametrize.register_parametrization(other[0], "weight", nn.Identity())
+    assert "parametrize" in pk.sparsify(other).skipped["0"]

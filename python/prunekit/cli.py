@@ -184,6 +184,26 @@ def _check_checkpoint(path: str, flag: str = "--model") -> None:
         raise CLIError(f"{flag} {path!r} has no config.json; expected a save_pretrained checkpoint folder")
 
 
+def _check_seq_len(model: str, seq_len: int | None) -> None:
+    """--seq-len against the checkpoint's config.json (read as JSON: no model is loaded)."""
+    if seq_len is None:
+        return
+    try:
+        with open(os.path.join(model, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return  # a broken config is reported when the model loads
+    if not isinstance(config, dict):
+        return
+    for source in (config, config.get("text_config") or {}):
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "n_ctx"):
+            limit = source.get(key) if isinstance(source, dict) else None
+            if isinstance(limit, int) and limit > 0:
+                if seq_len > limit:
+                    raise CLIError(f"--seq-len {seq_len} is longer than the model supports ({limit} positions)")
+                return
+
+
 def _check_text_file(path: str | None, flag: str) -> None:
     if path is None:
         return
@@ -336,6 +356,7 @@ def _progress() -> bool:
 # ------------------------------------------------------------------------------------- prune
 def _prune(args) -> int:
     _check_checkpoint(args.model)
+    _check_seq_len(args.model, args.seq_len)
     out = _check_out(args.out, args.model, args.overwrite)
     _check_text_file(args.calib, "--calib")
     if args.calib is None and args.method != "magnitude":
@@ -422,6 +443,7 @@ def _write_atomically(out: str, write) -> None:
 
 def _prune_structured(args) -> int:
     _check_checkpoint(args.model)
+    _check_seq_len(args.model, args.seq_len)
     out = _check_out(args.out, args.model, args.overwrite)
     _check_text_file(args.calib, "--calib")
     if args.importance in ("taylor", "activation") and args.calib is None:
@@ -453,6 +475,7 @@ def _prune_structured(args) -> int:
 # -------------------------------------------------------------------------------------- eval
 def _eval(args) -> int:
     _check_checkpoint(args.model)
+    _check_seq_len(args.model, args.seq_len)
     _check_text_file(args.data, "--data")
     if args.reference is not None:
         _check_checkpoint(args.reference, "--reference")

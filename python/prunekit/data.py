@@ -6,6 +6,7 @@ taken at seeded random offsets of the tokenized text.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -65,6 +66,10 @@ def windows(token_ids: torch.Tensor, n_samples: int = 128, seq_len: int = 2048, 
     if ids.numel() < body:
         raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of {body}; "
                          "give more text or a smaller seq_len")
+    if ids.numel() < n_samples * body:
+        warnings.warn(f"the text has {ids.numel()} tokens, fewer than n_samples x seq_len = {n_samples} x "
+                      f"{body} = {n_samples * body}: the calibration windows overlap (the same text is used "
+                      f"several times); give more text for {n_samples} distinct windows", stacklevel=2)
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - body + 1, (n_samples,), generator=gen).tolist()
     rows = [ids[s:s + body] for s in starts]

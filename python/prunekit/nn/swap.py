@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .. import patterns as name_patterns
 from .sparse_linear import SparseLinear
@@ -55,6 +56,9 @@ def _skip_reason(name: str, module: nn.Module, include, exclude, shared: Counter
         return "not matched by include"
     if exclude is not None and _matches(name, exclude):
         return "matched by exclude"
+    if parametrize.is_parametrized(module, "weight"):
+        return ("weight is a torch.nn.utils.parametrize parametrization; remove it first "
+                "(parametrize.remove_parametrizations) to swap the layer")
     if type(module) is not nn.Linear and not _is_conv1d(module):
         return (f"{type(module).__name__} is a subclass of nn.Linear; only plain nn.Linear and "
                 f"transformers' Conv1D are swapped")
@@ -91,7 +95,9 @@ def sparsify(model: nn.Module, *, include=None, exclude=None, unstructured: bool
              min_sparsity: float = 0.6) -> SwapReport:
     """Swap each nn.Linear whose weight is exactly 2:4 (per row, at most 2 nonzeros in every 4 consecutive
     inputs) for SparseLinear; transformers' Conv1D layers (GPT-2) too, their [in, out] weight read as
-    nn.Linear's [out, in]. include/exclude: layer-name patterns (a string or a list; shell globs, `re:` for a regular
+    nn.Linear's [out, in]. A layer carrying torch.nn.utils.prune's reparametrization is packed from its
+    effective weight (weight_orig * weight_mask) and its hook goes with the replaced module.
+    include/exclude: layer-name patterns (a string or a list; shell globs, `re:` for a regular
     expression — see prunekit.patterns).
     unstructured=True: a plain nn.Linear that is not 2:4 but has at least `min_sparsity` zeros becomes an
     UnstructuredSparseLinear (bitmask format, for 70-90% Wanda/SparseGPT models; on CPU it runs its sparse

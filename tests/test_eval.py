@@ -142,3 +142,11 @@ def test_sparsity_counts_sparse_linear_and_skips_the_pooler():
     measured = pk_eval.sparsity(bert)
     assert not any("pooler" in name for name in measured.layers)
     assert measured.total == pytest.approx(0.5)
+
+
+def test_sparsity_counts_unstructured_sparse_linear():
+    model = tiny_model("llama")
+    pk.prune(model, pk.Magnitude(0.75), calib_ids(), progress=False)
+    report = pk.sparsify(model, unstructured=True, min_sparsity=0.6)
+    assert report.swapped
+    assert pk_eval.sparsity(model).total == pytest.approx(0.75)

@@ -62,7 +62,7 @@ def sparsity(model: nn.Module, include=None, exclude=None) -> Sparsity:
     """Fraction of exactly-zero weights in each linear layer and in total. By default the layers
     pk.prune targets by default: every nn.Linear / Conv1D / SparseLinear inside the model's blocks (all
     of them in a model without blocks), never the LM head — so BERT's pooler does not dilute it.
-    SparseLinear layers count their 2:4 weight as stored (the pruned zeros count)."""
+    SparseLinear / UnstructuredSparseLinear layers count their weight as stored (the pruned zeros count)."""
     found = calibrate.find_blocks(model)
     layers = calibrate.select_layers(model, include, exclude, found[0] if found else None)
     sparse = {name: m for name, m in model.named_modules() if _is_sparse_linear(m)}
@@ -86,9 +86,11 @@ def sparsity(model: nn.Module, include=None, exclude=None) -> Sparsity:
 
 
 def _is_sparse_linear(module: nn.Module) -> bool:
+    """prunekit's packed layers (2:4 SparseLinear, bitmask UnstructuredSparseLinear); `.weight` is dense."""
     from .nn.sparse_linear import SparseLinear
+    from .nn.unstructured_linear import UnstructuredSparseLinear
 
-    return isinstance(module, SparseLinear)
+    return isinstance(module, (SparseLinear, UnstructuredSparseLinear))
 
 
 def embed(model: nn.Module, batches, device=None) -> torch.Tensor:

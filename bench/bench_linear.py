@@ -6,6 +6,10 @@ Providers: dense F.linear, torch's to_sparse_semi_structured (where it runs), pr
 (ops/sparse24_dispatch.KERNELS: `mma`, the mma.sp decode kernel, M <= 64; `sm90`, the Hopper CUTLASS GEMM,
 M > 64 on compute capability 9.x; decode-kernel variants registered there appear here by themselves).
 `--splits S ...` adds `prunekit_mma@sS`: the mma kernel with its split-K count forced (PRUNEKIT_SPARSE24_SPLITS).
+`prunekit_v2` (decode kernel v2, M <= 64) is reported per config instead: one row per (variant, blocks
+per SM), named like `v2_w8s4c1_b1` (warps, stages, K chunks per stage, blocks per SM; extras give the grid
+launched and the most blocks that shared one output tile), so one GPU run autotunes it (`--v2-configs`, e.g.
+`2:1 0:2`; default: every compiled variant at 1 and 2 blocks per SM).
 Self-checks are off while timing (PRUNEKIT_SELFCHECK=0); each row's rel_err is checked against fp32. Shapes are
 out x in features. Decode sizes (M <= 64) rotate through enough weight copies to exceed 3x the L2,
 so the weights stream from HBM as in a real model. Writes DIR/bench_linear.json and .md (bench/common.py).
@@ -39,7 +43,8 @@ def kernel_providers() -> dict[str, str]:
 
 
 FORCED = kernel_providers()
-PROVIDERS = BASE_PROVIDERS + list(FORCED)
+# decode v2 is reported per config (v2_cases), not as one forced route
+PROVIDERS = BASE_PROVIDERS + [p for p in FORCED if p != "prunekit_v2"] + ["prunekit_v2"]
 
 
 def parse_args(argv=None):
@@ -51,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--modes", nargs="+", choices=["graph", "eager"], default=["graph", "eager"])
     p.add_argument("--splits", nargs="*", type=int, default=[],
                    help="also time the mma kernel at these forced split-K counts (decode sizes)")
+    p.add_argument("--v2-configs", nargs="+", default=None, metavar="VARIANT:BLOCKS_PER_SM",
+                   help="decode v2 configs to time (default: every variant at 1 and 2 blocks per SM)")
     common.add_out_arg(p)
     return p.parse_args(argv)
 
@@ -103,6 +110,61 @@ def provider_calls(provider, weights, x, bias):
     return [lambda m=m: m(x) for m in modules], None
 
 
+def v2_configs(args) -> list[tuple[int, int]]:
+    from prunekit.ops import sparse24_decode_v2 as v2
+
+    if not args.v2_configs:
+        return v2.configs()
+    out = []
+    for text in args.v2_configs:
+        variant, _, per_sm = text.partition(":")
+        if not (variant.isdigit() and per_sm.isdigit() and int(per_sm) >= 1):
+            raise SystemExit(f"--v2-configs: expected VARIANT:BLOCKS_PER_SM, got {text!r}")
+        out.append((int(variant), int(per_sm)))
+    return out
+
+
+def v2_cases(weights, x, bias, args):
+    """[(route name, calls, extras)] for each decode v2 config, or a reason why v2 cannot run here."""
+    from prunekit import _native
+    from prunekit.nn.sparse_linear import SparseLinear
+    from prunekit.ops import sparse24_decode_v2 as v2
+
+    ok, why = v2.compiled()
+    if not ok:
+        return None, why
+    lin = torch.nn.Linear(weights[0].shape[1], weights[0].shape[0], bias=False, device=x.device, dtype=x.dtype)
+    packed = []
+    for W in weights:
+        with torch.no_grad():
+            lin.weight.copy_(W)
+        m = SparseLinear.from_dense(lin).requires_grad_(False)
+        packed.append((m.values, m.meta))
+    if not v2.supports(x, packed[0][0]):
+        return None, "decode v2 serves M <= 64, bf16/fp16, compute capability >= 8.0"
+    n, k = weights[0].shape
+    cases = []
+    for config in v2_configs(args):
+        warps, stages, chunks = v2.variants()[config[0]]
+        prep = v2.prepared(*packed[0])
+        _, grid = v2._launch(x, prep.weight, prep.locks, bias, n, config)
+        plan = v2.plan(n, k, config, grid)
+        calls = [lambda v=v, m=m, c=config: _v2_linear(x, v, m, bias, c) for v, m in packed]
+        cases.append((v2.name(config), calls, dict(variant=config[0], warps=warps, stages=stages,
+                                                   chunks_per_stage=chunks, blocks_per_sm=config[1], grid=grid,
+                                                   max_splits=plan.max_splits(),
+                                                   max_blocks=_native.require_cuda_module()
+                                                   .sparse24_decode_v2_max_blocks(config[0], x.shape[0],
+                                                                                  _native.dtype_code(x, "x")))))
+    return cases, None
+
+
+def _v2_linear(x, values, meta, bias, config):
+    from prunekit.ops import sparse24_decode_v2 as v2
+
+    return v2.linear(x, values, meta, bias, config=config)
+
+
 def bench_case(run: dict, shape: str, M: int, dtype, device, args) -> list[dict]:
     n, k = (int(v) for v in shape.split("x"))
     copies = weight_copies(n, k, M, device)
@@ -120,23 +182,28 @@ def bench_case(run: dict, shape: str, M: int, dtype, device, args) -> list[dict]
             os.environ["PRUNEKIT_SPARSE24_SPLITS"] = splits
         else:
             os.environ.pop("PRUNEKIT_SPARSE24_SPLITS", None)
-        calls, why = provider_calls(base, weights, x, bias)
-        if calls is None:
+        if base == "prunekit_v2":
+            cases, why = v2_cases(weights, x, bias, args) if M <= 64 else (None, "decode v2 is for M <= 64")
+        else:
+            calls, why = provider_calls(base, weights, x, bias)
+            cases = None if calls is None else [(provider, calls, {})]
+        if cases is None:
             print(f"skip {provider} {shape} M={M}: {why}", file=sys.stderr)
             continue
-        out = calls[0]()
-        err = float((out.float() - reference).norm() / reference.norm())
-        for mode in args.modes:
-            try:
-                timing = common.time_calls(calls, graph=(mode == "graph"))
-            except RuntimeError as exc:  # e.g. a provider that cannot be captured in a graph
-                print(f"skip {provider} {shape} M={M} {mode}: {exc}", file=sys.stderr)
-                continue
-            weight_bytes = n * k * 2 if provider == "dense" else n * k * 2 * (0.5 + 1 / 16)
-            rows.append(common.row(run, "linear", provider, shape=shape, dtype=dtype, M=M, mode=mode,
-                                   timing=timing, flops=2.0 * M * n * k,
-                                   bytes_moved=weight_bytes + (M * k + M * n) * 2,
-                                   rel_err=err, weight_copies=copies))
+        for name, calls, extras in cases:
+            out = calls[0]()
+            err = float((out.float() - reference).norm() / reference.norm())
+            for mode in args.modes:
+                try:
+                    timing = common.time_calls(calls, graph=(mode == "graph"))
+                except RuntimeError as exc:  # e.g. a provider that cannot be captured in a graph
+                    print(f"skip {name} {shape} M={M} {mode}: {exc}", file=sys.stderr)
+                    continue
+                weight_bytes = n * k * 2 if provider == "dense" else n * k * 2 * (0.5 + 1 / 16)
+                rows.append(common.row(run, "linear", name, shape=shape, dtype=dtype, M=M, mode=mode,
+                                       timing=timing, flops=2.0 * M * n * k,
+                                       bytes_moved=weight_bytes + (M * k + M * n) * 2,
+                                       rel_err=err, weight_copies=copies, **extras))
     for name in ("PRUNEKIT_SPARSE24_KERNEL", "PRUNEKIT_SPARSE24_SPLITS", "PRUNEKIT_SELFCHECK"):
         os.environ.pop(name, None)
     add_vs_dense(rows)

@@ -46,9 +46,10 @@ def d_register_position(lane: int, i: int) -> tuple[int, int]:
     return g + (8 if i >= 2 else 0), 2 * t + (i & 1)
 
 
-def _mma_sp_m16n8k32(a: list, b: list, e: list) -> torch.Tensor:
-    """The instruction (PTX ISA, sparse m16n8k32 f16/bf16, sparsity selector 0): per-lane registers in,
-    D [16, 8] out. a[lane]: 4 registers x 2 values; b[lane]: 4 x 2; e[lane]: int."""
+def _mma_sp_m16n8k32(a: list, b: list, e: list, selector: int = 0) -> torch.Tensor:
+    """The instruction (PTX ISA, sparse m16n8k32 f16/bf16): per-lane registers in, D [16, 8] out.
+    a[lane]: 4 registers x 2 values; b[lane]: 4 x 2; e[lane]: int. The sparsity selector (0 or 1) picks the
+    lane pair of each quad whose metadata is read: t = 2*selector (K 0-15) and 2*selector + 1 (K 16-31)."""
     A = torch.zeros(16, 32, dtype=torch.float64)
     B = torch.zeros(32, 8, dtype=torch.float64)
     for lane in range(32):
@@ -56,7 +57,7 @@ def _mma_sp_m16n8k32(a: list, b: list, e: list) -> torch.Tensor:
         # A fragment = dense m16n8k16 layout over the 16 compressed columns
         for reg, (row, col) in enumerate([(g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8), (g + 8, 2 * t + 8)]):
             s = col // 2  # compressed columns 2s, 2s+1 belong to slot group s
-            meta_lane = 4 * g + (s // 4)  # selector 0: lanes t=0 (slot groups 0-3) and t=1 (4-7) of the quad
+            meta_lane = 4 * g + 2 * selector + (s // 4)  # lanes 2*sel (slot groups 0-3), 2*sel+1 (4-7)
             nib = (e[meta_lane] >> (16 * (row >= 8) + 4 * (s % 4))) & 0xF
             idx = (nib & 3, nib >> 2)
             for h in range(2):

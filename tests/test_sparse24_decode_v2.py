@@ -142,8 +142,10 @@ def test_schedule_covers_every_unit_once_in_a_safe_order(n, k, warps, chunks, bl
 
 # ---------------- the whole kernel, emulated ----------------
 
-@pytest.mark.parametrize("m,n,k", ODD_SHAPES)
-@pytest.mark.parametrize("warps,chunks,blocks", [(1, 1, 1), (2, 2, 5)])
+@pytest.mark.parametrize("m,n,k,warps,chunks,blocks", [
+    *[(m, n, k, 1, 1, 1) for m, n, k in ODD_SHAPES], *[(m, n, k, 2, 2, 5) for m, n, k in ODD_SHAPES],
+    (3, 40, 200, 4, 2, 3),   # a compiled variant's shape: block tile with a warp past the last row tile
+    (17, 24, 136, 8, 1, 2)])
 def test_emulated_kernel_reproduces_dense_product(m, n, k, warps, chunks, blocks, gen):
     W = random_24_weight(n, k, gen)
     values, meta = ref_pack.pack24(W)
@@ -260,6 +262,32 @@ def test_autotune_leaves_out_failing_configs_and_picks_the_fastest(monkeypatch, 
     with caplog.at_level("ERROR", logger="prunekit"):
         assert v2_ops.autotune(m, values, meta, None) == (1, 2)
     assert "v2_w4s4c1_b1 failed" in caplog.text and "v2_w4s4c1_b2 disagrees" in caplog.text
+
+
+@pytest.mark.parametrize("ordered", [0, 1])
+def test_ptx_uses_both_selectors_on_one_metadata_register_in_either_form(ordered, tmp_path):
+    """CUDA 12.0-12.4 has no mma.sp::ordered_metadata: the gate (as in sparse24_gemm.cu) then emits plain mma.sp.
+    Either way each chunk is two mma.sp on the same metadata register, selector 0 then 1."""
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("no nvcc here")
+    root = Path(__file__).resolve().parents[1]
+    ptx = tmp_path / "v2.ptx"
+    subprocess.run([nvcc, "-std=c++17", f"-I{root / 'csrc/include'}", f"-DPRUNEKIT_MMA_SP_ORDERED={ordered}",
+                    "-DPRUNEKIT_DECODE_V2_ONE_INSTANCE", "-gencode=arch=compute_80,code=compute_80", "-ptx",
+                    str(root / "csrc/cuda/sparse24_decode_v2.cu"), "-o", str(ptx)], check=True, capture_output=True,
+                   timeout=300)
+    form = "mma.sp::ordered_metadata" if ordered else "mma.sp"
+    found = re.findall(r"(mma\.sp\S*)\.sync\.aligned\.m16n8k32\.row\.col\.f32\.(\w+)\.\w+\.f32 .*, (%r\d+), (\d);",
+                       ptx.read_text())
+    assert [f[0] for f in found] == [form] * 4
+    assert [(f[1], f[3]) for f in found] == [("bf16", "0"), ("bf16", "1"), ("f16", "0"), ("f16", "1")]
+    assert found[0][2] == found[1][2] and found[2][2] == found[3][2]  # one metadata word serves both steps
 
 
 # ---------------- GPU: the real kernel against the dense product ----------------

@@ -32,14 +32,24 @@
 
 #include "prunekit/sparse24_decode_v2.h"
 
-// mma.sp::ordered_metadata needs PTX ISA 8.5 (CUDA 12.5); older toolkits get plain mma.sp, whose metadata
-// encoding for f16/bf16 on sm_80/sm_90 is the same (CUTLASS makes the same switch).
+// mma.sp::ordered_metadata needs PTX ISA 8.5 (CUDA >= 12.5); older toolkits only know plain mma.sp, which
+// reads our metadata (kept positions always ascending) the same way on sm_80+ (CUTLASS gates alike). The same
+// gate and override as csrc/cuda/sparse24_gemm.cu: PRUNEKIT_MMA_SP_ORDERED=0/1 (tests compile both forms);
+// the module reports the form it holds (DECODE_V2_MMA_SP_FORM).
+#ifndef PRUNEKIT_MMA_SP_ORDERED
 #if defined(__CUDACC_VER_MAJOR__) && \
-    (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 5))
-#define PRUNEKIT_V2_MMA_SP "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32."
+    ((__CUDACC_VER_MAJOR__ > 12) || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 5))
+#define PRUNEKIT_MMA_SP_ORDERED 1
 #else
-#define PRUNEKIT_V2_MMA_SP "mma.sp.sync.aligned.m16n8k32.row.col.f32."
+#define PRUNEKIT_MMA_SP_ORDERED 0
 #endif
+#endif
+#if PRUNEKIT_MMA_SP_ORDERED
+#define PRUNEKIT_MMA_SP "mma.sp::ordered_metadata"
+#else
+#define PRUNEKIT_MMA_SP "mma.sp"
+#endif
+#define PRUNEKIT_V2_MMA_SP PRUNEKIT_MMA_SP ".sync.aligned.m16n8k32.row.col.f32."
 
 namespace prunekit {
 namespace {
@@ -383,9 +393,11 @@ Status by_tiles(DecodeV2Params& p, int variant, int* capacity_out) {
     return capacity_out ? Instance<kBF16, kWarps, kStages, kChunks, T>::capacity(variant, capacity_out) \
                         : Instance<kBF16, kWarps, kStages, kChunks, T>::launch(p, variant);
     PRUNEKIT_V2_TILES(1)
+#ifndef PRUNEKIT_DECODE_V2_ONE_INSTANCE  // tests that read the PTX compile one kernel per dtype
     PRUNEKIT_V2_TILES(2)
     PRUNEKIT_V2_TILES(4)
     PRUNEKIT_V2_TILES(8)
+#endif
 #undef PRUNEKIT_V2_TILES
   }
   return Status::kInvalidArgument;
@@ -395,9 +407,11 @@ template <bool kBF16>
 Status by_variant(DecodeV2Params& p, int* capacity_out) {
   switch (p.variant) {  // the order of kVariants
     case 0: return by_tiles<kBF16, 4, 4, 1>(p, 0, capacity_out);
+#ifndef PRUNEKIT_DECODE_V2_ONE_INSTANCE
     case 1: return by_tiles<kBF16, 4, 3, 2>(p, 1, capacity_out);
     case 2: return by_tiles<kBF16, 8, 4, 1>(p, 2, capacity_out);
     case 3: return by_tiles<kBF16, 8, 3, 2>(p, 3, capacity_out);
+#endif
   }
   return Status::kInvalidArgument;
 }
@@ -414,6 +428,8 @@ bool aligned(const void* ptr, std::uintptr_t bytes) { return reinterpret_cast<st
 }  // namespace
 
 int sparse24_decode_v2_variant_count() { return kVariantCount; }
+
+const char* sparse24_decode_v2_mma_sp_form() { return PRUNEKIT_MMA_SP; }
 
 Status sparse24_decode_v2_variant(int index, DecodeV2Variant* out) {
   if (index < 0 || index >= kVariantCount || out == nullptr) return Status::kInvalidArgument;

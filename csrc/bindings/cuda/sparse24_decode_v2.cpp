@@ -63,6 +63,7 @@ void register_decode_v2(pybind11::module_& m) {
   m.attr("DECODE_V2_TILE_N") = prunekit::kDecodeV2TileN;
   m.attr("DECODE_V2_CHUNK_K") = prunekit::kDecodeV2ChunkK;
   m.attr("DECODE_V2_BLOCK_BYTES") = prunekit::kDecodeV2BlockBytes;
+  m.attr("DECODE_V2_MMA_SP_FORM") = prunekit::sparse24_decode_v2_mma_sp_form();
   m.def("sparse24_decode_v2", &decode_v2,
         "y[M,N] = x[M,K] @ W.T + bias, W in the v2 decode layout; M <= 64, K % 8 == 0, bf16/fp16; "
         "locks: int32 [lock_count], zero (left zero); returns the grid launched");

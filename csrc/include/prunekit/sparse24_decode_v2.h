@@ -24,6 +24,8 @@ struct DecodeV2Variant {
 };
 
 int sparse24_decode_v2_variant_count();
+// "mma.sp::ordered_metadata" (CUDA >= 12.5) or "mma.sp": the instruction form this build emits.
+const char* sparse24_decode_v2_mma_sp_form();
 // kInvalidArgument for an index out of range.
 Status sparse24_decode_v2_variant(int index, DecodeV2Variant* out);
 

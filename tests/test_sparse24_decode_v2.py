@@ -290,6 +290,21 @@ def test_ptx_uses_both_selectors_on_one_metadata_register_in_either_form(ordered
     assert found[0][2] == found[1][2] and found[2][2] == found[3][2]  # one metadata word serves both steps
 
 
+def test_registered_with_the_dispatcher_and_its_copy_dropped_when_unused(gen, monkeypatch):
+    from prunekit.ops import sparse24_dispatch as dispatch
+
+    assert dispatch.KERNELS["v2"].fn is v2_ops.tuned_linear and dispatch.KERNELS["v2"].supports is v2_ops.supports
+    values, meta = ref_pack.pack24(random_24_weight(16, 64, gen))
+    v2_ops.prepared(values, meta)
+    key = ("cuda:0", 16, 64, torch.bfloat16, False, 1)
+    monkeypatch.setattr(dispatch, "_choices", {key: "v2"})
+    dispatch._drop_unused_copies(key, values)
+    assert v2_ops.is_prepared(values, meta)  # v2 serves this shape: kept
+    monkeypatch.setattr(dispatch, "_choices", {key: "dense"})
+    dispatch._drop_unused_copies(key, values)
+    assert not v2_ops.is_prepared(values, meta)
+
+
 # ---------------- GPU: the real kernel against the dense product ----------------
 
 def _case(m, n, k, dtype, seed, bias=False):
@@ -359,6 +374,32 @@ def test_tuned_linear_autotunes_once_per_key():
     assert config in v2_ops.configs() and key[1:] == (1000, 1032, torch.bfloat16, True, 4)
     y2 = v2_ops.tuned_linear(x[:2], values, meta, b)  # M = 2 is another bucket: tuned anew
     assert _row_err(y2, expected[:2]) < 1e-2 and len(v2_ops.tuned()) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["v2", "auto"])
+def test_sparse_linear_through_the_dispatcher(mode, monkeypatch):
+    from prunekit.nn.sparse_linear import SparseLinear
+    from prunekit.ops import selfcheck
+    from prunekit.ops import sparse24_dispatch as dispatch
+
+    monkeypatch.setenv("PRUNEKIT_SPARSE24_KERNEL", mode)
+    dispatch.clear_cache()
+    gen = torch.Generator().manual_seed(2)
+    lin = torch.nn.Linear(520, 300).to(torch.bfloat16)  # K % 64 != 0: v1 declines, v2 serves
+    with torch.no_grad():
+        lin.weight.copy_(random_24_weight(300, 520, gen))
+    sparse = SparseLinear.from_dense(lin).cuda().requires_grad_(False)
+    lin = lin.cuda()
+    for lead in [(1,), (5,), (2, 3), (64,), (65,)]:
+        x = torch.randn(*lead, 520, generator=gen).to(torch.bfloat16).cuda()
+        expected = F.linear(x.float(), lin.weight.float(), lin.bias.float())
+        y = sparse(x)
+        assert y.shape == (*lead, 300)
+        assert float((y.float() - expected).norm() / expected.norm()) < 1e-2
+    assert not selfcheck.is_disabled("sparse24_linear", "v2", x.device)
+    if mode == "v2":
+        assert v2_ops.is_prepared(sparse.values, sparse.meta) and v2_ops.tuned()
 
 
 @pytest.mark.gpu

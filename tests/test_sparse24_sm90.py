@@ -116,7 +116,7 @@ def test_forced_mode_is_validated(monkeypatch):
     monkeypatch.setenv("PRUNEKIT_SPARSE24_KERNEL", "sm90")
     assert dispatch._mode() == "sm90"
     monkeypatch.setenv("PRUNEKIT_SPARSE24_KERNEL", "cutlass")
-    with pytest.raises(ValueError, match="auto, mma, sm90 or dense"):
+    with pytest.raises(ValueError, match="auto, mma, sm90, v2 or dense"):
         dispatch._mode()
 
 
@@ -215,7 +215,7 @@ def test_sparse_linear_prefill_on_hopper(mode, monkeypatch):
     if mode == "sm90":
         assert sm90.is_prepared(sparse.values, sparse.meta)
     else:
-        assert set(dispatch.chosen_routes().values()) <= {"mma", "sm90", "dense"}
+        assert set(dispatch.chosen_routes().values()) <= {"mma", "v2", "sm90", "dense"}
     with torch.no_grad():  # an in-place edit of the weight must reach the kernel
         sparse.values.mul_(-1)
     x = torch.randn(256, 1024, generator=gen).to(torch.bfloat16).cuda()

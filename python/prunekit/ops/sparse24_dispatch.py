@@ -1,6 +1,6 @@
-"""CUDA route of `prunekit::sparse24_linear`: a registry of 2:4 kernels (the mma.sp decode kernel for
-M <= 64, the Hopper CUTLASS sm90 prefill GEMM for M bucket >= 128 on compute capability 9.x; more can be
-added with `register`) and the dense route: F.linear on the unpacked weight, cached per weight
+"""CUDA route of `prunekit::sparse24_linear`: a registry of 2:4 kernels (the mma.sp decode kernels `mma` (v1)
+and `v2` for M <= 64, the Hopper CUTLASS sm90 prefill GEMM for M bucket >= 128 on compute capability 9.x;
+more can be added with `register`) and the dense route: F.linear on the unpacked weight, cached per weight
 (ops/sparse24_dense.py).
 
 Choice per (device, N, K, dtype, bias, M bucket), made once per process on the layer's own weight:
@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from .. import _native
-from . import _dispatch, selfcheck, sparse24_dense, sparse24_sm90
+from . import _dispatch, selfcheck, sparse24_decode_v2, sparse24_dense, sparse24_sm90
 
 log = logging.getLogger("prunekit")
 
@@ -63,6 +63,7 @@ def clear_cache() -> None:
     _choices.clear()
     _dispatch.clear_workspaces()
     sparse24_sm90.clear_cache()
+    sparse24_decode_v2.clear_cache()
     sparse24_dense.clear_cache()
 
 
@@ -143,6 +144,9 @@ def mma_sp_linear(x2d: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
 
 register(Kernel("mma", mma_sp_linear, kernel_supports))
 register(Kernel("sm90", sparse24_sm90.linear, sparse24_sm90.supports))
+# decode kernel v2 (M <= 64): autotunes its own variant x blocks-per-SM config once per key, each config
+# checked against the dense product; bench_linear reports every config (ops/sparse24_decode_v2.py)
+register(Kernel("v2", sparse24_decode_v2.tuned_linear, sparse24_decode_v2.supports))
 
 
 def dense_linear(x, values, meta, bias):
@@ -292,6 +296,8 @@ def _drop_unused_copies(key, values: torch.Tensor) -> None:
     used = {choice for k, choice in _choices.items() if k[:-1] == key[:-1]}
     if "sm90" not in used:
         sparse24_sm90.forget(values)
+    if "v2" not in used:
+        sparse24_decode_v2.forget(values)
     if "dense" not in used:
         sparse24_dense.forget(values)
 

@@ -249,7 +249,12 @@ def test_autotune_leaves_out_failing_configs_and_picks_the_fastest(monkeypatch, 
         return (y + 1 if config == (0, 2) else y), 1
     monkeypatch.setattr(v2_ops, "_launch", fake_launch)
     speed = {(1, 1): 9.0, (1, 2): 7.0}
-    monkeypatch.setattr(v2_ops._timing, "graph_time_us", lambda calls: [c() for c in calls] and speed[current[0]])
+
+    def fake_time(calls, what):
+        for call in calls:
+            call()
+        return speed[current[0]], "graph"
+    monkeypatch.setattr(v2_ops._timing, "time_us", fake_time)
     current = [None]
     real_configs = v2_ops.configs
 

@@ -1,5 +1,6 @@
-"""Kernel timing as users under CUDA graphs see it: median per-call time of graph replays of a list of calls
-(one per rotated weight copy, so each call finds its weight cold), eager when a capture fails."""
+"""Kernel timing as users under CUDA graphs see it (shared by the 2:4 dispatcher and decode v2's autotuning):
+the median per-call time of graph replays of a list of calls (one per rotated weight copy, so each call finds
+its weight cold, as in a real model), eager event timing only when a graph cannot be captured."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +12,44 @@ import torch
 log = logging.getLogger("prunekit")
 
 
-def _per_call_us(run: Callable[[], object], n_calls: int, samples: int, min_sample_us: float) -> float:
+def graph_time_us(calls: Sequence[Callable[[], object]], samples: int = 15, min_sample_us: float = 200.0) -> float:
+    """Median per-call µs of graph replays of `calls` (warmed up on a side stream first: builds cached copies
+    per weight). Raises RuntimeError when the calls cannot be captured."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    return _replays_us(graph.replay, len(calls), samples, min_sample_us)
+
+
+def eager_time_us(calls: Sequence[Callable[[], object]], samples: int = 15, min_sample_us: float = 200.0) -> float:
+    for call in calls:
+        call()
+
+    def run():
+        for call in calls:
+            call()
+    return _replays_us(run, len(calls), samples, min_sample_us)
+
+
+def time_us(calls: Sequence[Callable[[], object]], what: str = "timing") -> tuple[float, str]:
+    """(µs per call, 'graph' | 'eager'): graph replays, eager when a graph cannot be captured (logged)."""
+    try:
+        return graph_time_us(calls), "graph"
+    except RuntimeError as exc:  # a route that cannot be captured: time it eagerly, and say so
+        log.info("%s: graph capture failed (%s); timing eagerly", what, exc)
+        torch.cuda.synchronize()
+        return eager_time_us(calls), "eager"
+
+
+def _replays_us(run, n_calls: int, samples: int, min_sample_us: float) -> float:
     for _ in range(2):
         run()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -29,26 +67,3 @@ def _per_call_us(run: Callable[[], object], n_calls: int, samples: int, min_samp
         end.synchronize()
         times.append(start.elapsed_time(end) * 1000.0 / (reps * n_calls))
     return sorted(times)[len(times) // 2]
-
-
-def graph_time_us(calls: Sequence[Callable[[], object]], samples: int = 11, min_sample_us: float = 200.0) -> float:
-    """Median µs per call of graph replays of `calls` (warmed up on a side stream first)."""
-    def eager():
-        for call in calls:
-            call()
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        eager()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            eager()
-    except RuntimeError as exc:
-        log.info("timing: graph capture failed (%s); timing eagerly", exc)
-        torch.cuda.synchronize()
-        return _per_call_us(eager, len(calls), samples, min_sample_us)
-    return _per_call_us(graph.replay, len(calls), samples, min_sample_us)

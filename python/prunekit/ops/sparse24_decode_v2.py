@@ -225,8 +225,8 @@ def autotune(M: int, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tenso
                       "(max per-feature rel err %.3g); not using it. Please report this.", name(config), N, K, M,
                       values.dtype, err)
             continue
-        times[config] = _timing.graph_time_us(
-            [lambda w=w, c=config: _launch(probe, w, prep.locks, bias, N, c) for w in copies])
+        times[config] = _timing.time_us(
+            [lambda w=w, c=config: _launch(probe, w, prep.locks, bias, N, c) for w in copies], "decode v2")[0]
     if not times:
         raise RuntimeError(f"sparse24 decode v2: no config works for N={N} K={K} M={M} {values.dtype}")
     best = min(times, key=times.get)

@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from .. import _native
-from . import _dispatch, selfcheck, sparse24_decode_v2, sparse24_dense, sparse24_sm90
+from . import _dispatch, _timing, selfcheck, sparse24_decode_v2, sparse24_dense, sparse24_sm90
 
 log = logging.getLogger("prunekit")
 
@@ -219,60 +219,8 @@ def _rotation(values, meta, bias, budget_bytes: int = 1 << 30) -> list[tuple]:
     return copies
 
 
-def _time_graph_us(calls: list[Callable[[], object]], samples: int = 15, min_sample_us: float = 200.0) -> float:
-    """Median per-call time of graph replays of `calls` (one call per weight copy)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm up outside the graph: builds cached copies per weight
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    return _time_replays(graph.replay, len(calls), samples, min_sample_us)
-
-
-def _time_eager_us(calls: list[Callable[[], object]], samples: int = 15, min_sample_us: float = 200.0) -> float:
-    for call in calls:
-        call()
-
-    def run():
-        for call in calls:
-            call()
-    return _time_replays(run, len(calls), samples, min_sample_us)
-
-
-def _time_replays(run, n_calls: int, samples: int, min_sample_us: float) -> float:
-    for _ in range(2):
-        run()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    run()
-    end.record()
-    end.synchronize()
-    reps = max(1, math.ceil(min_sample_us / max(start.elapsed_time(end) * 1000.0, 1.0)))
-    times = []
-    for _ in range(samples):
-        start.record()
-        for _ in range(reps):
-            run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000.0 / (reps * n_calls))
-    return sorted(times)[len(times) // 2]
-
-
 def _time_route(fn, probe, copies) -> tuple[float, str]:
-    calls = [lambda v=v, m=m, b=b: fn(probe, v, m, b) for v, m, b in copies]
-    try:
-        return _time_graph_us(calls), "graph"
-    except RuntimeError as exc:  # a route that cannot be captured: time it eagerly, and say so
-        log.info("sparse24_linear: graph capture failed (%s); timing eagerly", exc)
-        torch.cuda.synchronize()
-        return _time_eager_us(calls), "eager"
+    return _timing.time_us([lambda v=v, m=m, b=b: fn(probe, v, m, b) for v, m, b in copies], "sparse24_linear")
 
 
 def _measure(key, x2d, values, meta, bias, candidates) -> str:

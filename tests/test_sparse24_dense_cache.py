@@ -153,6 +153,18 @@ def test_inference_tensors_are_cached_and_follow_mark_changed(unpack_calls, gen)
     torch.testing.assert_close(after - layer.bias, 2 * (ys[0] - layer.bias))
 
 
+def test_load_state_dict_under_inference_mode_invalidates(unpack_calls, gen):
+    """An in-place load into inference tensors is invisible to torch's version counter: SparseLinear's
+    load_state_dict hook bumps the cache's own version, so the CUDA route's dense copy is rebuilt."""
+    with torch.inference_mode():
+        a, b = make_layer(16, 32, gen), make_layer(16, 32, gen)
+        x = torch.randn(3, 32, generator=gen)
+        dense.linear(x, a.values, a.meta, a.bias)
+        a.load_state_dict(b.state_dict())
+        got = dense.linear(x, a.values, a.meta, a.bias)
+    assert torch.equal(got, F.linear(x, b.weight, b.bias))
+
+
 def test_cache_built_under_inference_mode_serves_autograd(unpack_calls, gen):
     layer = make_layer(16, 32, gen)
     layer.values.requires_grad_(True)

@@ -10,11 +10,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops import _weight_cache
 from ..ops import pack24 as pack_ops
 from ..ops import sparse24_linear as _linear_op  # noqa: F401  (registers prunekit::sparse24_linear)
 from ..ops import sparse_cpu
 from ..ref import pack24 as ref_pack
 from .cpu_route import CpuRouted
+
+
+def _weights_changed(module: "SparseLinear", incompatible_keys) -> None:
+    """load_state_dict copied into values/meta in place: under inference_mode torch does not count that
+    change, so the derived copies cached on CUDA (dense, sm90; ops/_weight_cache.py) are told here."""
+    _weight_cache.mark_changed(module.values, module.meta)
 
 
 class SparseLinear(CpuRouted, nn.Module):
@@ -47,6 +54,7 @@ class SparseLinear(CpuRouted, nn.Module):
                                                 device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
         self.register_buffer("_dense_weight", None, persistent=False)  # set only by the CPU route (cpu_route.py)
+        self.register_load_state_dict_post_hook(_weights_changed)
 
     @classmethod
     def from_packed(cls, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None,

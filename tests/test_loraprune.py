@@ -256,3 +256,29 @@ def test_refusals():
         lp.finalize()
     with pytest.raises(ValueError, match="steps/iterations"):
         pk.loraprune(model_of("llama"), calib_ids(2, 8), mlp=0.5, steps=3, iterations=3)
+
+
+def test_error_during_training_removes_adapters(monkeypatch):
+    from prunekit.train import distill
+
+    model = model_of("llama", seed=6)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    real = distill.lm_loss
+    monkeypatch.setattr(distill, "lm_loss", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        pk.loraprune(model, calib_ids(2, 8), mlp=0.5, steps=6, iterations=2, progress=False)
+    assert not any(hasattr(m, "lora_A") for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(before[k], after[k]) for k in before)
+    with torch.no_grad():  # no mask hook left behind
+        ids = calib_ids(1, 6)
+        assert torch.equal(model(input_ids=ids).logits, model_of("llama", seed=6)(input_ids=ids).logits)

@@ -289,3 +289,10 @@ def test_rounding_is_reported_and_warned():
     assert report.removed == {"heads": (0.25, 0.5), "mlp": (0.25, 0.25)}
     assert len(report.notes) == 1 and "note: heads=0.25" in str(report)
     assert model.config.num_key_value_heads == 1
+
+
+def test_bert_and_gpt2_head_refusals_say_why_prune_heads_is_not_used():
+    for kind in ("bert", "gpt2"):
+        with pytest.raises(ValueError, match="head_dim = hidden_size / num_attention_heads.*pruned_heads"):
+            pk.prune_structured(model_of(kind), heads=0.25)
+    assert not hasattr(tf.PreTrainedModel, "prune_heads") or tf.__version__ < "5"

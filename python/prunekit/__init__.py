@@ -60,6 +60,7 @@ _EXPORTS = {
     "rewind": ("train.rewinding", "rewind"),
     "reinitialize": ("train.rewinding", "reinitialize"),
     "iterative_magnitude": ("train.imp", "iterative_magnitude"),
+    "recover_lora": ("train.lora", "recover_lora"),
 }
 _SUBMODULES = {"data", "eval", "ops", "ref", "nn", "pruning", "io", "cli", "patterns", "calibrate", "train"}
 

@@ -348,6 +348,19 @@ class LoRAPrune:
             count += keep.numel()
         return (math.sqrt(dropped / total) if total > 0 else 0.0), zeros / count
 
+    def abort(self) -> None:
+        """Removes the adapters and mask hooks without pruning anything more (after an error). Weights an
+        unstructured run already zeroed stay zero."""
+        if self._closed:
+            return
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self.peft_model.unload()
+        for p, flag in self._flags.items():
+            p.requires_grad_(flag)
+        self._closed = True
+
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("LoRAPrune.finalize() was called; the adapters are merged")
@@ -404,6 +417,9 @@ def loraprune(model: nn.Module, batches, *, heads: float = 0.0, mlp: float = 0.0
                 lp.prune(1 - (1 - rounds[step] / iterations) ** 3)
         optimizer.zero_grad(set_to_none=True)
         report = lp.finalize()
+    except BaseException:
+        lp.abort()
+        raise
     finally:
         model.train(was_training)
     report.losses = losses

@@ -55,12 +55,16 @@ class Family:
 
 _DERIVED = ("its config derives head_dim = hidden_size / num_attention_heads, so a model with fewer "
             "heads could not be reloaded by from_pretrained")
+# BERT and GPT-2 once had transformers' own head pruning (model.prune_heads, recorded in
+# config.pruned_heads and re-applied by from_pretrained); transformers 5 removed it, so it is not used.
+_NO_PRUNED_HEADS = ("; transformers' prune_heads / config.pruned_heads, which re-applied removed heads on "
+                    "reload, was removed in transformers 5 and is not used")
 FAMILIES = (
     Family("llama", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "intermediate_size", "self_attn"),
     Family("gpt2", ("mlp.c_fc",), "mlp.c_proj", "n_inner",
-           no_heads="GPT-2 fuses q/k/v into c_attn and " + _DERIVED),
+           no_heads="GPT-2 fuses q/k/v into c_attn and " + _DERIVED + _NO_PRUNED_HEADS),
     Family("opt", ("fc1",), "fc2", "ffn_dim", no_heads="OPT: " + _DERIVED),
-    Family("bert", ("intermediate.dense",), "output.dense", "intermediate_size", no_heads="BERT: " + _DERIVED),
+    Family("bert", ("intermediate.dense",), "output.dense", "intermediate_size", no_heads="BERT: " + _DERIVED + _NO_PRUNED_HEADS),
 )
 
 

@@ -201,3 +201,40 @@ def test_model_without_blocks_gets_the_target():
     pk.prune(model, pk.Wanda(0.5), calib, progress=False, allocation=owl)
     assert owl.layer_sparsity == {"0": 0.5, "2": 0.5}
     assert calibrate.layer_weight(model[0]).eq(0).sum(1).eq(4).all()
+
+
+@functools.lru_cache(maxsize=None)
+def _opt(n_blocks: int):
+    torch.manual_seed(0)
+    config = tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=n_blocks, word_embed_proj_dim=64,
+                          num_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=64)
+    model = tf.OPTForCausalLM(config).eval()
+    with torch.no_grad():  # blocks with different numbers of outlier weights
+        for i, layer in enumerate(model.model.decoder.layers):
+            layer.fc2.weight[:, : 2 * i] *= 8.0
+    return model
+
+
+def test_owl_allocation_does_not_depend_on_the_batch_size():
+    """OPT's fc1/fc2 see the batch flattened to [batch·seq, features]: they must count as many samples
+    as the 3-D layers of the block, whatever the batch size."""
+    ids = calib_ids(8, 16)
+    results = []
+    for batch_size in (1, 2, 8):
+        owl = pk.OWL()
+        pk.prune(copy.deepcopy(_opt(4)), pk.Wanda(0.5), ids, progress=False, batch_size=batch_size, allocation=owl)
+        results.append(owl)
+    for owl in results[1:]:
+        for i in range(4):
+            assert owl.outlier_ratios[i] == pytest.approx(results[0].outlier_ratios[i], rel=1e-9, abs=1e-12)
+            assert owl.block_sparsity[i] == pytest.approx(results[0].block_sparsity[i], abs=1e-9)
+    assert len(set(results[0].block_sparsity.values())) == 4
+
+
+def test_owl_clamping_is_a_warning_the_api_user_sees():
+    model = llama(n_blocks=2)
+    with pytest.warns(UserWarning, match="clamped") as caught:
+        report = pk.prune(model, pk.Wanda(0.9), calib_ids(4, 16), progress=False, allocation=pk.OWL(lam=0.3))
+    assert any("below the target 0.9000" in str(w.message) for w in caught)
+    assert any("below the target 0.9000" in w for w in report.warnings)
+    assert report.sparsity < 0.89

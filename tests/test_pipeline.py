@@ -357,3 +357,52 @@ def test_report_plot(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     report.plot(tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_sparsity_is_the_real_fraction_of_zeros():
+    model = tiny_model("llama")
+    pk.prune(model, pk.Wanda(0.5), calib_ids(4, 16), progress=False)
+    report = pk.prune(model, pk.Wanda("2:4"), calib_ids(4, 16), progress=False)
+    zeros = total = 0
+    for row in report.layers:
+        w = model.get_submodule(row.name).weight
+        assert row.sparsity == pytest.approx(float((w == 0).float().mean()), abs=1e-12)
+        zeros, total = zeros + int((w == 0).sum()), total + w.numel()
+    assert report.sparsity == pytest.approx(zeros / total) and report.sparsity > 0.55
+
+
+def test_shared_hessian_notes_are_given_once_without_repeating_the_layer_name(caplog):
+    """percdamp=0 with fewer tokens than features: H is singular, damping escalates. q/k/v share H;
+    only q_proj, which factored it, carries (and logs) the note."""
+    model = tiny_model("llama")
+    with caplog.at_level("INFO", logger="prunekit"):
+        report = pk.prune(model, pk.SparseGPT(0.5, percdamp=0.0), calib_ids(1, 8), progress=False)
+    q, k = report["model.layers.0.self_attn.q_proj"], report["model.layers.0.self_attn.k_proj"]
+    assert len(q.notes) == 1 and "Cholesky" in q.notes[0] and k.notes == []
+    assert k.damping == q.damping and q.damping > 0
+    text = str(report)
+    assert "note: model.layers.0.self_attn.q_proj: the float32 Cholesky" in text
+    assert "q_proj: model.layers.0.self_attn.q_proj" not in text
+    logged = [r.getMessage() for r in caplog.records if "Cholesky" in r.getMessage()]
+    assert len(logged) == len([n for row in report.layers for n in row.notes])
+
+
+def test_joint_quantization_keeps_scales_and_zero_points_on_the_report():
+    model = tiny_model("llama")
+    report = pk.prune(model, pk.SparseGPT("2:4", quant=pk.QuantSpec(4, 32)), calib_ids(2, 16), progress=False)
+    assert set(report.quant) == {row.name for row in report.layers}
+    for name, params in report.quant.items():
+        w = model.get_submodule(name).weight.detach()
+        assert params.bits == 4 and params.groupsize == 32 and params.scale.shape == (w.shape[0], w.shape[1] // 32)
+        codes = params.codes(w)
+        assert torch.equal(params.dequantize(codes).to(w.dtype), w)  # the weight lies on its integer grid
+    assert report.to_dict()["quant"]["model.layers.0.mlp.down_proj"] == {"bits": 4, "groupsize": 32}
+
+
+@pytest.mark.parametrize("method", [pk.Magnitude(0.5), pk.Wanda(0.5)], ids=repr)
+def test_every_submodule_gets_its_own_training_flag_back(method):
+    model = tiny_model("llama").train()
+    model.model.layers[0].eval()
+    pk.prune(model, method, calib_ids(2, 16), progress=False)
+    assert model.training and model.model.layers[1].training
+    assert not model.model.layers[0].training and not model.model.layers[0].mlp.training

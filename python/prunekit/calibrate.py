@@ -8,6 +8,7 @@ exception; the block list is found in the model rather than named per architectu
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from dataclasses import dataclass
@@ -125,6 +126,20 @@ def no_layers_error(model: nn.Module, include, exclude) -> ValueError:
                       f"the model's linear layers are: {shown}")
 
 
+# ------------------------------------------------------------------------------------- modes
+@contextlib.contextmanager
+def kept_modes(model: nn.Module, train: bool = False):
+    """model.train(train) inside; on exit every submodule gets back its own training flag (a submodule
+    kept in eval mode by its owner stays in eval mode)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.train(train)
+    try:
+        yield model
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
 # ------------------------------------------------------------------------------------ devices
 def model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
@@ -175,55 +190,158 @@ class OffloadHooks:
 
 # ------------------------------------------------------------------------------------- inputs
 class _StopForward(Exception):
-    """Raised by the capture hook to end the model's forward at the first block."""
+    """Raised by the capture hook to end the model's forward once the blocks' inputs are caught."""
+
+
+# Block arguments that carry a KV cache: never kept (a live cache grows on every call of the block, so a
+# re-run would attend to stale keys/values, and it would hold every batch's keys and values).
+CACHE_KWARGS = ("cache", "past_key_value", "past_key_values", "layer_past", "cache_params")
+
+
+def _is_cache(value) -> bool:
+    return any(c.__name__.endswith("Cache") for c in type(value).__mro__)
+
+
+def _without_cache(kwargs: dict) -> dict:
+    kwargs = {k: (None if (k in CACHE_KWARGS or _is_cache(v)) else v) for k, v in kwargs.items()}
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return kwargs
 
 
 @dataclass
 class BlockInput:
-    """What one calibration batch hands a block: hidden states plus every other argument."""
+    """What one calibration batch hands a block: hidden states plus every other argument. Models whose
+    blocks get different arguments (sliding-window and full-attention layers) carry them per block
+    index in `per_block`."""
 
     hidden: torch.Tensor
     args: tuple
     kwargs: dict
     hidden_key: str | None = None  # set when the model passes the hidden states by keyword
+    per_block: dict[int, tuple[tuple, dict]] | None = None
 
-    def call(self, block: nn.Module) -> torch.Tensor:
+    def call(self, block: nn.Module, index: int = 0) -> torch.Tensor:
+        args, kwargs = self.args, self.kwargs
+        if self.per_block is not None:
+            args, kwargs = self.per_block[index]
         if self.hidden_key is None:
-            out = block(self.hidden, *self.args, **self.kwargs)
+            out = block(self.hidden, *args, **kwargs)
         else:
-            out = block(*self.args, **{**self.kwargs, self.hidden_key: self.hidden})
+            out = block(*args, **{**kwargs, self.hidden_key: self.hidden})
         return out if isinstance(out, torch.Tensor) else out[0]
+
+    @property
+    def tokens_per_sample(self) -> int | None:
+        """The sequence length of this batch (hidden [batch, seq, features]), or None."""
+        return self.hidden.shape[1] if self.hidden.dim() == 3 else None
+
+
+def _has_hf_config(model: nn.Module) -> bool:
+    return any(hasattr(getattr(m, "config", None), "use_cache") for m in model.modules())
 
 
 def forward_kwargs(model: nn.Module) -> dict:
-    """Extra arguments for calibration forwards: no KV cache, no extra outputs."""
+    """Extra arguments for calibration forwards: no KV cache. Passed when the forward names `use_cache`,
+    or takes **kwargs and wraps a Hugging Face model (a PEFT model, a LoRA wrapper)."""
     params = inspect.signature(model.forward).parameters
-    return {"use_cache": False} if "use_cache" in params else {}
+    if "use_cache" in params:
+        return {"use_cache": False}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) and _has_hf_config(model):
+        return {"use_cache": False}
+    return {}
+
+
+@contextlib.contextmanager
+def calibration_mode(model: nn.Module):
+    """While calibrating: every config inside the model says use_cache=False (however the model is
+    wrapped), and PyTorch's fused nn.MultiheadAttention / TransformerEncoderLayer fast path is off, so
+    the layers' own forwards run and their hooks see inputs."""
+    saved = []
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if hasattr(config, "use_cache") and config.use_cache:
+            saved.append(config)
+            config.use_cache = False
+    mha = getattr(torch.backends, "mha", None)
+    fast = mha.get_fastpath_enabled() if mha is not None and hasattr(mha, "get_fastpath_enabled") else None
+    if fast:
+        mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        for config in saved:
+            config.use_cache = True
+        if fast:
+            mha.set_fastpath_enabled(True)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list[dict],
-                         device: torch.device) -> list[BlockInput]:
-    """Runs each batch through the model until `first_block` is called and keeps its arguments."""
+def layer_types(model: nn.Module, block_list: nn.Module | None = None) -> list[str]:
+    """The distinct block types of a model that mixes them (Gemma2/3 and ModernBERT sliding-window and
+    full-attention layers), from `layer_types` of any config inside it (a multimodal model's text
+    config too) or the blocks' `attention_type`; empty when every block is alike."""
+    found: set[str] = set()
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        configs = [config]
+        for attr in ("text_config", "decoder"):
+            configs.append(getattr(config, attr, None))
+        if config is not None and hasattr(config, "get_text_config"):
+            try:
+                configs.append(config.get_text_config())
+            except Exception:  # noqa: BLE001 - a config without a text part
+                pass
+        for c in configs:
+            types = getattr(c, "layer_types", None)
+            if isinstance(types, (list, tuple)) and len(set(types)) > 1:
+                found.update(map(str, types))
+    if block_list is not None:
+        kinds = {getattr(b, "attention_type", None) for b in block_list}
+        if len(kinds) > 1:
+            found.update(str(k) for k in kinds)
+    return sorted(found)
+
+
+def capture_block_inputs(model: nn.Module, block_list: nn.Module, batches: list[dict],
+                         device: torch.device, last: int | None = None) -> list[BlockInput]:
+    """Runs each batch through the model until the first block is called and keeps its arguments.
+
+    For a model whose blocks are of several types (see `layer_types`) the arguments of every block up
+    to `last` (default: all) are kept too, from a forward that runs up to block `last`: a
+    sliding-window block and a full-attention block get different masks and rotary tables.
+    """
+    blocks = list(block_list)
+    last = len(blocks) - 1 if last is None else last
+    per_block = bool(layer_types(model, block_list)) and last > 0
     captured: list[BlockInput] = []
 
-    def grab(module, args, kwargs):
-        if args:
-            captured.append(BlockInput(args[0], tuple(args[1:]), dict(kwargs)))
-        elif "hidden_states" in kwargs:
-            kwargs = dict(kwargs)
-            hidden = kwargs.pop("hidden_states")
-            captured.append(BlockInput(hidden, (), kwargs, hidden_key="hidden_states"))
-        else:
-            raise RuntimeError(f"{type(module).__name__} was called without hidden states "
-                               f"(no positional argument, kwargs {sorted(kwargs)})")
-        raise _StopForward
+    def grab(index):
+        def hook(module, args, kwargs):
+            if args:
+                hidden, rest, key = args[0], tuple(args[1:]), None
+                kwargs = _without_cache(kwargs)
+            elif "hidden_states" in kwargs:
+                kwargs = _without_cache(kwargs)
+                hidden, rest, key = kwargs.pop("hidden_states"), (), "hidden_states"
+            else:
+                raise RuntimeError(f"{type(module).__name__} was called without hidden states "
+                                   f"(no positional argument, kwargs {sorted(kwargs)})")
+            if index == 0:
+                captured.append(BlockInput(hidden, rest, kwargs, hidden_key=key,
+                                           per_block={} if per_block else None))
+            if per_block:
+                captured[-1].per_block[index] = (rest, kwargs)
+            if index == last or not per_block:
+                raise _StopForward
+        return hook
 
     extra = forward_kwargs(model)
-    handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
+    watched = blocks[:last + 1] if per_block else blocks[:1]
+    handles = [b.register_forward_pre_hook(grab(i), with_kwargs=True) for i, b in enumerate(watched)]
     try:
         for batch in batches:
             try:
@@ -231,17 +349,8 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list
             except _StopForward:
                 continue
             raise RuntimeError(f"the model's forward never called its first block "
-                               f"({type(first_block).__name__}); name the block list with blocks=...")
+                               f"({type(blocks[0]).__name__}); name the block list with blocks=...")
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     return captured
-
-
-def warn_if_layer_types_differ(model: nn.Module) -> None:
-    """The first block's arguments are reused for every block, as in the references; models that
-    give blocks different masks (sliding-window layers mixed with full attention) need a warning."""
-    types = getattr(getattr(model, "config", None), "layer_types", None)
-    if types and len(set(types)) > 1:
-        log.warning("the model mixes block types %s; calibration reuses the first block's attention "
-                    "mask for every block, so statistics of the other type are approximate",
-                    sorted(set(types)))

@@ -14,14 +14,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import warnings
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import calibrate, data, reparam
+from . import calibrate, data, preflight, reparam
 from ._progress import show_progress
-from .pruning.allocation import Context, as_allocation
+from .collect import collect_stats
+from .pruning.allocation import Context, LayerSparsity, as_allocation
 from .pruning.base import LayerResult, PruningMethod
 from .pruning.refine import Refined
 from .pruning.refine import as_steps as refine_steps
@@ -85,55 +87,89 @@ def prune(model: nn.Module, method: PruningMethod, calibration, *, include=None,
     targets = calibrate.select_layers(model, include, exclude, block_path)
     if not targets:
         raise calibrate.no_layers_error(model, include, exclude)
-    for name, module in targets.items():  # fail before any forward when a width does not fit N:M
-        method.pattern.check_width(calibrate.in_features(module), f"{name}.weight")
+    # Everything that can be known before a forward is checked on every layer before anything changes.
+    targets, skipped = preflight.split_empty(targets)
+    preflight.check_weights(method, targets)
+    preflight.check_tied(model, targets)
     if allocation is not None:
         allocation.check(method, targets)
     reparam.plain_weights(targets, "prune")  # torch.nn.utils.prune masks: fold them, with a warning
+    skipped += preflight.unpruned_block_weights(block_path, block_list, targets)
     log.info("pruning %d layers with %r on %s (blocks: %s, %d calibration batches)",
              len(targets), method, device, block_path or "none", len(batches or ()))
 
     report = PruneReport(method=repr(method), pattern=str(method.pattern), blocks=block_path)
+    report.skipped = skipped
+    target = method.pattern.sparsity
     if getattr(method, "scope", None) == "global":
         method = _GlobalMagnitude(method, targets)
     if offload and block_list is None:
         log.warning("offload needs a block list; the whole model goes to %s", device)
     offload = offload and block_list is not None and device != home
-    was_training = model.training
-    model.eval()
-    try:
-        if offload:
-            calibrate.move_outside_blocks(model, block_list, device)
-        elif device != home:
-            model.to(device)
-        with torch.no_grad(), _seeded(seed, device):
-            if allocation is not None:
-                method = allocation.apply(method, targets, Context(model, batches, device, found,
-                                                                   home if offload else None, progress))
-            if refine:
-                method = Refined(method, refine)
-                report.method = repr(method)
-            done = set()
-            if batches is None:  # no calibration data: weights only, no error pass
-                _prune_weights_only(targets, method, report)
-                done = set(targets)
-            elif block_list is not None:
-                done = _prune_blocks(model, block_path, block_list, targets, batches, method, device,
-                                     home if offload else None, progress, report)
-            rest = {name: m for name, m in targets.items() if name not in done}
-            if rest:
-                _prune_whole_model(model, rest, batches, method, device, block_list if offload else None,
-                                   home, report)
-    finally:
-        model.train(was_training)
-        if offload:
-            calibrate.move_outside_blocks(model, block_list, home)
-            block_list.to(home)  # a no-op unless a block was left on the device by an error
-        elif device != home:
-            model.to(home)
+    with calibrate.kept_modes(model, train=False):
+        try:
+            if offload:
+                calibrate.move_outside_blocks(model, block_list, device)
+            elif device != home:
+                model.to(device)
+            with torch.no_grad(), _seeded(seed, device), calibrate.calibration_mode(model):
+                if method.needs_hessian or method.needs_act_norm:
+                    preflight.check_called(model, targets, lambda: _whole_model_run(
+                        model, batches, device, block_list if offload else None, home)(0))
+                if allocation is not None:
+                    method = allocation.apply(method, targets, Context(model, batches, device, found,
+                                                                       home if offload else None, progress))
+                if refine:
+                    method = Refined(method, refine)
+                    report.method = repr(method)
+                done = set()
+                if batches is None:  # no calibration data: weights only, no error pass
+                    _prune_weights_only(targets, method, report)
+                    done = set(targets)
+                elif block_list is not None:
+                    done = _prune_blocks(model, block_path, block_list, targets, batches, method, device,
+                                         home if offload else None, progress, report)
+                rest = {name: m for name, m in targets.items() if name not in done}
+                if rest:
+                    _prune_whole_model(model, rest, batches, method, device, block_list if offload else None,
+                                       home, report)
+        finally:
+            if offload:
+                calibrate.move_outside_blocks(model, block_list, home)
+                block_list.to(home)  # a no-op unless a block was left on the device by an error
+            elif device != home:
+                model.to(home)
     report.seconds = time.perf_counter() - start
+    _check_target(report, target, allocation)
     log.info("pruned %d layers to sparsity %.4f in %.1f s", len(report.layers), report.sparsity, report.seconds)
     return report
+
+
+def _check_target(report: PruneReport, target: float, allocation) -> None:
+    """Warns (and records in the report) when a layer's zeros fall short of its own sparsity, or the
+    total falls short of the target (an allocation that had to clamp), by more than the per-row rounding
+    of a layer's width. A dict allocation's target is its layers' weighted mean."""
+    if not report.layers:
+        return
+    chosen = getattr(allocation, "layer_sparsity", {}) if allocation is not None else {}
+    short = [row.name for row in report.layers
+             if row.sparsity < chosen.get(row.name, target) - 1.0 / row.shape[1] - 1e-9]
+    if short:
+        _warn(report, f"prunekit.prune: {len(short)} layer(s) are less sparse than asked: "
+                      f"{', '.join(short[:6])}{', ...' if len(short) > 6 else ''}")
+    if isinstance(allocation, LayerSparsity):
+        total = sum(row.numel for row in report.layers)
+        target = sum(chosen.get(row.name, target) * row.numel for row in report.layers) / total
+    slack = max(1.0 / row.shape[1] for row in report.layers) + 1e-9
+    if report.sparsity < target - slack:
+        why = f" ({allocation!r} moved layers' sparsities)" if allocation is not None else ""
+        _warn(report, f"prunekit.prune: the pruned layers are {report.sparsity:.4f} sparse, below the "
+                      f"target {target:.4f}{why}")
+
+
+def _warn(report: PruneReport, message: str) -> None:
+    report.warnings.append(message)
+    warnings.warn(message, stacklevel=4)
 
 
 def _batches_or_none(calibration, method, allocation, model, batch_size):
@@ -141,8 +177,6 @@ def _batches_or_none(calibration, method, allocation, model, batch_size):
     if calibration is not None:
         return data.as_batches(calibration, batch_size=batch_size, max_len=data.max_positions(model),
                                vocab=data.vocab_size(model))
-    from .pruning.allocation import LayerSparsity
-
     if method.needs_hessian or method.needs_act_norm:
         raise ValueError(f"calibration: {method!r} needs calibration data (token ids [n_samples, seq_len]; "
                          f"see prunekit.data); only magnitude pruning runs without")
@@ -160,7 +194,7 @@ def _prune_weights_only(targets, method, report) -> None:
         _check_result(result, dense, name, method)
         calibrate.set_layer_weight(module, result.weight)
         report.layers.append(LayerReport(name=name, shape=tuple(dense.shape), pattern=str(result.pattern),
-                                         sparsity=result.sparsity, error=None,
+                                         sparsity=float(result.weight.eq(0).float().mean()), error=None,
                                          seconds=time.perf_counter() - began, damping=result.damping,
                                          notes=list(result.notes)))
 
@@ -204,19 +238,19 @@ def _prune_blocks(model, block_path, block_list, targets, batches, method, devic
         per_block.pop()
     if not per_block:
         return set()
-    calibrate.warn_if_layer_types_differ(model)
-    inputs = calibrate.capture_block_inputs(model, block_list[0], batches, device)
+    inputs = calibrate.capture_block_inputs(model, block_list, batches, device, last=len(per_block) - 1)
     done: set[str] = set()
     bar = tqdm(per_block, desc=f"prunekit {method!r}", unit="block", disable=not progress)
     for index, (block, layers) in enumerate(bar):
         if offload_home is not None:
             block.to(device)
 
-        def run(j: int, block=block) -> torch.Tensor:
-            return inputs[j].call(block)
+        def run(j: int, block=block, index=index) -> torch.Tensor:
+            return inputs[j].call(block, index)
 
         if layers:
-            outputs = _prune_layers(layers, run, len(inputs), method, device, report)
+            outputs = _prune_layers(layers, run, len(inputs), method, device, report,
+                                    lambda j: inputs[j].tokens_per_sample)
         else:
             outputs = [run(j) for j in range(len(inputs))]
         for inp, out in zip(inputs, outputs):
@@ -231,31 +265,46 @@ def _prune_blocks(model, block_path, block_list, targets, batches, method, devic
     return done
 
 
+def _whole_model_run(model, batches, device, offload_blocks, home):
+    """run(j): one forward of batch j through the whole model (blocks visiting `device` when offloading)."""
+    extra = calibrate.forward_kwargs(model)
+
+    def run(j: int) -> None:
+        offloading = (calibrate.OffloadHooks(offload_blocks, device, home) if offload_blocks is not None
+                      else contextlib.nullcontext())
+        with offloading:
+            model(**calibrate.to_device(batches[j], device), **extra)
+    return run
+
+
+def _sequence_length(batch: dict) -> int | None:
+    ids = batch.get("input_ids")
+    return ids.shape[-1] if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
+
+
 def _prune_whole_model(model, layers, batches, method, device, offload_blocks, home, report) -> None:
     """Prunes layers with statistics from whole-model forwards (models without blocks, or layers
     outside the block list)."""
-    extra = calibrate.forward_kwargs(model)
-    offloading = (calibrate.OffloadHooks(offload_blocks, device, home) if offload_blocks is not None
-                  else contextlib.nullcontext())
-
-    def run(j: int) -> None:
-        model(**calibrate.to_device(batches[j], device), **extra)
-
-    with offloading:
-        _prune_layers(layers, run, len(batches), method, device, report)
+    run = _whole_model_run(model, batches, device, offload_blocks, home)
+    _prune_layers(layers, run, len(batches), method, device, report, lambda j: _sequence_length(batches[j]))
 
 
 def _prune_layers(layers: dict[str, nn.Module], run, n_batches: int, method: PruningMethod,
-                  device: torch.device, report: PruneReport) -> list:
+                  device: torch.device, report: PruneReport, tokens_of=lambda j: None) -> list:
     """Statistics pass, pruning, then a re-run that measures each layer's error; returns the
     re-run's outputs."""
-    stats = _collect_stats(layers, run, n_batches, method, device)
+    stats = collect_stats(layers, run, n_batches, method, device, tokens_of)
     deltas: dict[str, torch.Tensor] = {}
     rows: dict[str, LayerReport] = {}
     for name, module in layers.items():
         dense = calibrate.layer_weight(module).detach().clone()
         if stats[name] is not None and stats[name].nsamples == 0:
-            log.warning("%s received no calibration input; its statistics are empty", name)
+            message = (f"{name} received no calibration input (never called on these batches, e.g. an "
+                       "expert no token was routed to); left dense")
+            warnings.warn(message, stacklevel=4)
+            report.warnings.append(message)
+            report.skipped.append({"name": name, "shape": list(dense.shape), "reason": message})
+            continue
         began = _clock(device)
         result = method.prune_layer(dense.clone(), stats[name], name)
         seconds = _clock(device) - began
@@ -263,14 +312,16 @@ def _prune_layers(layers: dict[str, nn.Module], run, n_batches: int, method: Pru
         calibrate.set_layer_weight(module, result.weight)
         deltas[name] = dense.float() - result.weight.float()
         rows[name] = LayerReport(name=name, shape=tuple(dense.shape), pattern=str(result.pattern),
-                                 sparsity=result.sparsity, error=0.0, seconds=seconds,
-                                 damping=result.damping, notes=list(result.notes),
+                                 sparsity=float(result.weight.eq(0).float().mean()), error=0.0,
+                                 seconds=seconds, damping=result.damping, notes=list(result.notes),
                                  refine=[r.as_dict() for r in result.refine])
+        if getattr(result, "quant", None) is not None:
+            report.quant[name] = result.quant
         for note in result.notes:
-            log.warning(note)
+            log.info(note)
     del stats
 
-    errors = {name: torch.zeros((), dtype=torch.float64, device=device) for name in layers}
+    errors = {name: torch.zeros((), dtype=torch.float64, device=device) for name in rows}
 
     def measure(name):
         def hook(module, args, output):
@@ -278,7 +329,7 @@ def _prune_layers(layers: dict[str, nn.Module], run, n_batches: int, method: Pru
             errors[name] += (x @ deltas[name].t()).pow(2).sum().double()  # fp32 per batch, fp64 across
         return hook
 
-    handles = [m.register_forward_hook(measure(name)) for name, m in layers.items()]
+    handles = [layers[name].register_forward_hook(measure(name)) for name in rows]
     try:
         outputs = [run(j) for j in range(n_batches)]
     finally:
@@ -288,54 +339,6 @@ def _prune_layers(layers: dict[str, nn.Module], run, n_batches: int, method: Pru
         row.error = errors[name].item()
         report.layers.append(row)
     return outputs
-
-
-def _collect_stats(layers, run, n_batches, method, device) -> dict:
-    """Accumulates each layer's calibration statistics. Layers that read the very same input tensor
-    (q/k/v, gate/up) share one statistics object, so it is accumulated once."""
-    stats = {name: method.new_stats(calibrate.in_features(m), device=device, name=name)
-             for name, m in layers.items()}
-    wanted = {name: layers[name] for name, s in stats.items() if s is not None}
-    if not wanted:
-        return stats
-
-    seen: dict[str, torch.Tensor] = {}
-
-    def probe(name):
-        def hook(module, args):
-            seen.setdefault(name, args[0])
-        return hook
-
-    handles = [m.register_forward_pre_hook(probe(name)) for name, m in wanted.items()]
-    try:
-        run(0)
-    finally:
-        for h in handles:
-            h.remove()
-    leaders: list[str] = []
-    for name in wanted:
-        same = next((lead for lead in leaders if name in seen and seen.get(lead) is seen[name]), None)
-        if same is None:
-            leaders.append(name)
-            if name in seen:
-                stats[name].add_batch(seen[name])
-        else:
-            stats[name] = stats[same]
-    seen.clear()
-
-    def accumulate(name):
-        def hook(module, args):
-            stats[name].add_batch(args[0])
-        return hook
-
-    handles = [wanted[name].register_forward_pre_hook(accumulate(name)) for name in leaders]
-    try:
-        for j in range(1, n_batches):
-            run(j)
-    finally:
-        for h in handles:
-            h.remove()
-    return stats
 
 
 def _check_result(result: LayerResult, dense: torch.Tensor, name: str, method: PruningMethod) -> None:

@@ -28,7 +28,7 @@ class LayerReport:
     name: str
     shape: tuple[int, int]         # [out_features, in_features]
     pattern: str                   # "0.5" or "2:4"
-    sparsity: float                # achieved fraction of pruned weights
+    sparsity: float                # fraction of the weight that is zero after pruning
     error: float | None            # ||x W_dense^T - x W_pruned^T||^2 summed over calibration tokens
     #                                (None: pruned without calibration data, so not measured)
     seconds: float                 # time the method spent on this layer
@@ -48,6 +48,11 @@ class PruneReport:
     layers: list[LayerReport] = field(default_factory=list)
     blocks: str | None = None      # dotted path of the block list the pipeline walked, if any
     seconds: float = 0.0           # wall time of the whole run
+    skipped: list[dict] = field(default_factory=list)   # {name, shape, reason}: weights left dense
+    warnings: list[str] = field(default_factory=list)   # what the run warned about (also warnings.warn)
+    # SparseGPT(quant=...): each layer's scales and integer zero-points (prunekit.quant.QuantParams);
+    # the layer's weight lies exactly on that grid (codes: report.quant[name].codes(weight)).
+    quant: dict = field(default_factory=dict)
 
     @property
     def sparsity(self) -> float:
@@ -71,16 +76,21 @@ class PruneReport:
         raise KeyError(name)
 
     def to_dict(self) -> dict:
+        """JSON-ready; quantization grids appear as their bits and group size (the tensors stay in
+        `quant`)."""
         return {"method": self.method, "pattern": self.pattern, "blocks": self.blocks,
                 "seconds": self.seconds,
                 "totals": {"layers": len(self.layers), "sparsity": self.sparsity, "error": self.error,
                            "prune_seconds": self.prune_seconds},
-                "layers": [asdict(layer) for layer in self.layers]}
+                "layers": [asdict(layer) for layer in self.layers],
+                "skipped": list(self.skipped), "warnings": list(self.warnings),
+                "quant": {name: {"bits": q.bits, "groupsize": q.groupsize} for name, q in self.quant.items()}}
 
     @classmethod
     def from_dict(cls, d: dict) -> PruneReport:
         layers = [LayerReport(**{**layer, "shape": tuple(layer["shape"])}) for layer in d["layers"]]
-        return cls(d["method"], d["pattern"], layers, d.get("blocks"), d.get("seconds", 0.0))
+        return cls(d["method"], d["pattern"], layers, d.get("blocks"), d.get("seconds", 0.0),
+                   list(d.get("skipped", [])), list(d.get("warnings", [])))
 
     def to_json(self, path: str | os.PathLike) -> None:
         """Writes the report atomically (a temporary file renamed into place)."""
@@ -114,7 +124,10 @@ class PruneReport:
             return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
         rule = "-" * len(line(header))
-        notes = [f"note: {layer.name}: {n}" for layer in self.layers for n in layer.notes]
+        notes = [f"note: {layer.name}: {n.removeprefix(layer.name + ': ')}"
+                 for layer in self.layers for n in layer.notes]
+        notes += [f"not pruned: {s['name']} {s['shape']}: {s['reason']}" for s in self.skipped]
+        notes += [f"warning: {w}" for w in self.warnings]
         return "\n".join([f"{self.method} pruning, {self.seconds:.1f} s", line(header), rule,
                           *map(line, rows[:-1]), rule, line(rows[-1]), *self._refine_lines(), *notes])
 

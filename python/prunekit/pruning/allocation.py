@@ -25,6 +25,7 @@ one with an allocation is an error.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import _validate, calibrate, patterns
+from ..collect import collect_stats
 from .base import LayerResult, PruningMethod
 from .stats import LayerStats
 
@@ -92,6 +94,9 @@ class AllocatedMethod(PruningMethod):
 
     def new_stats(self, in_features: int, device=None, name: str = "layer") -> LayerStats | None:
         return self.method.new_stats(in_features, device=device, name=name)
+
+    def check_weight(self, weight: torch.Tensor, name: str) -> None:
+        self.method.check_weight(weight, name)
 
     def prune_layer(self, weight: torch.Tensor, stats: LayerStats | None, name: str = "layer") -> LayerResult:
         sparsity = self.sparsities.get(name)
@@ -176,8 +181,9 @@ def owl_sparsities(ratios: Sequence[float], target: float, lam: float = 0.08) ->
     sparsity = target - (scaled - scaled.mean())
     clamped = sparsity.clamp(0.0, 1.0 - 1e-6)
     if not torch.equal(clamped, sparsity):
-        log.warning("OWL: sparsities %s leave [0, 1) and are clamped, so their mean is no longer the "
-                    "target %.4f; use a smaller lam", [round(float(s), 4) for s in sparsity], target)
+        warnings.warn(f"OWL: sparsities {[round(float(s), 4) for s in sparsity]} leave [0, 1) and are "
+                      f"clamped, so their mean {float(clamped.mean()):.4f} is no longer the target "
+                      f"{target:.4f}; use a smaller lam", stacklevel=2)
     return clamped.tolist()
 
 
@@ -223,11 +229,13 @@ class OWL(Allocation):
                 context: Context) -> dict[int, float]:
         """Outlier ratio of each block holding targeted layers, from Wanda statistics gathered while
         the calibration batches flow through the dense blocks."""
-        from ..pipeline import _collect_stats  # shares q/k/v (gate/up) statistics as pruning does
         from .wanda import Wanda
 
         last = max((i for i, g in groups.items() if g), default=-1)
-        inputs = calibrate.capture_block_inputs(context.model, block_list[0], context.batches, context.device)
+        if last < 0:
+            return {}
+        inputs = calibrate.capture_block_inputs(context.model, block_list, context.batches, context.device,
+                                                last=last)
         ratios: dict[int, float] = {}
         for i in tqdm(range(last + 1), desc="prunekit OWL outliers", unit="block", disable=not context.progress):
             block = block_list[i]
@@ -235,12 +243,13 @@ class OWL(Allocation):
                 block.to(context.device)
             outputs: dict[int, torch.Tensor] = {}
 
-            def run(j: int, block=block, outputs=outputs) -> torch.Tensor:
-                outputs[j] = inputs[j].call(block)
+            def run(j: int, block=block, outputs=outputs, i=i) -> torch.Tensor:
+                outputs[j] = inputs[j].call(block, i)
                 return outputs[j]
 
             if groups[i]:
-                stats = _collect_stats(groups[i], run, len(inputs), Wanda(), context.device)
+                stats = collect_stats(groups[i], run, len(inputs), Wanda(), context.device,
+                                      lambda j: inputs[j].tokens_per_sample)
                 ratios[i] = block_outlier_ratio(
                     lambda g=groups[i], st=stats: (_wanda_scores(m, st[n]) for n, m in g.items()), self.threshold)
             if i < last:

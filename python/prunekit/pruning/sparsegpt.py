@@ -13,6 +13,7 @@ transcription we test against), with these changes:
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -146,6 +147,7 @@ def factor_hessian(H: torch.Tensor, percdamp: float = 0.01, name: str = "layer")
     """Dead inputs get H_ii = 1 (as the reference), then the damped, escalating factorization."""
     if not percdamp >= 0:
         raise ValueError(f"percdamp: expected a non-negative number, got {percdamp}")
+    _validate.finite(H, f"{name} Hessian")
     Hf = H.detach().to(torch.float32, copy=True)
     dead = torch.diagonal(Hf) == 0
     Hf.diagonal()[dead] = 1
@@ -211,23 +213,34 @@ class SparseGPT(PruningMethod):
                 raise TypeError(f"SparseGPT quant: expected a prunekit.QuantSpec or None, got {quant!r}")
         self.quant = quant
 
+    def check_weight(self, weight: torch.Tensor, name: str) -> None:
+        super().check_weight(weight, name)
+        if self.quant is not None:
+            self.quant.group_width(weight.shape[1], f"{name}.weight")
+
     def prune_layer(self, weight: torch.Tensor, stats: LayerStats | None, name: str = "layer") -> LayerResult:
         if stats is None or stats.hessian is None:
             raise ValueError(f"{name}: SparseGPT needs the layer's Hessian; collect LayerStats with "
                              "hessian=True (method.new_stats does)")
         self.check_weight(weight, name)
+        if stats.nsamples == 0:
+            raise ValueError(f"{name}: SparseGPT statistics saw no calibration samples (every input would "
+                             "look dead and the whole weight would be zeroed)")
+        stats.check_finite()
         H = stats.hessian if stats.hessian.device == weight.device else stats.hessian.to(weight.device)
         key = ("sparsegpt.factor", self.percdamp, H.device)
-        if key not in stats.derived:
-            stats.derived[key] = factor_hessian(H, self.percdamp, name)
+        if key in stats.derived:  # shared H (q/k/v, gate/up): the layer that factored it carries its notes
+            factor = dataclasses.replace(stats.derived[key], notes=[])
+        else:
+            factor = stats.derived[key] = factor_hessian(H, self.percdamp, name)
         if self.quant is not None:
             from ..quant.sparse_quant import sparsegpt_quant_prune
             return sparsegpt_quant_prune(weight, H, self.pattern, bits=self.quant.bits,
                                          groupsize=self.quant.groupsize, sym=self.quant.sym,
                                          blocksize=self.blocksize, percdamp=self.percdamp, name=name,
-                                         factor=stats.derived[key])
+                                         factor=factor)
         return sparsegpt_prune(weight, H, self.pattern, blocksize=self.blocksize,
-                               percdamp=self.percdamp, name=name, factor=stats.derived[key])
+                               percdamp=self.percdamp, name=name, factor=factor)
 
     def __repr__(self) -> str:
         quant = "" if self.quant is None else f", quant={self.quant}"

@@ -4,6 +4,12 @@ Wanda (locuslab/wanda, WrappedGPT.add_batch): a running mean over samples of the
 squared norm, `scaler_row`. SparseGPT (IST-DASLab/sparsegpt, SparseGPT.add_batch): H = 2/n · Σ XᵀX in
 fp32. A "sample" is one row of the leading (batch) dimension, as in both references. The arithmetic
 lives in the custom ops of prunekit.ops.calib_stats (reference: prunekit.ref.calib_stats).
+
+Layers that see the batch flattened to tokens (OPT's fc1/fc2 get [batch·seq_len, features]) count the
+same samples as layers that see it 3-D: given `tokens_per_sample` (prunekit.prune passes the calibration
+sequence length), a 2-D input of k·seq_len rows counts k samples. The references feed one sample at a
+time, where both readings agree; counting a flattened batch as one sample would scale such a layer's
+statistics by the batch size relative to the block's other layers (and so move OWL's allocation).
 """
 from __future__ import annotations
 
@@ -28,13 +34,15 @@ class LayerStats:
         # the same input (q/k/v, gate/up) share one LayerStats, so they share this too.
         self.derived: dict = {}
 
-    def add_batch(self, x: torch.Tensor) -> None:
-        """x: the layer input, [..., in_features]; its first dimension counts as samples if 3-D."""
+    def add_batch(self, x: torch.Tensor, tokens_per_sample: int | None = None) -> None:
+        """x: the layer input, [..., in_features]. Its first dimension counts as samples if 3-D or more;
+        a 2-D input counts rows / tokens_per_sample samples when the rows are a whole number of
+        sequences of that length, else one (as in the references)."""
         _validate.float_tensor(x, f"{self.name} input")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self.name} input: expected last dimension {self.in_features}, "
                              f"got shape {tuple(x.shape)}")
-        batch = x.shape[0] if x.dim() == 3 else 1
+        batch = samples_in(x, tokens_per_sample)
         rows = x.reshape(-1, self.in_features)
         # The ops read the activation once in its own dtype (tensor cores for bf16/fp16 on CUDA).
         if self.act_norm_sq is not None:
@@ -47,6 +55,19 @@ class LayerStats:
         self.derived.clear()
 
     def check_finite(self) -> None:
-        for name, t in (("activation norms", self.act_norm_sq), ("Hessian", self.hessian)):
-            if t is not None:
-                _validate.finite(t, f"{self.name} {name}")
+        """Raises when the accumulated statistics hold NaN/Inf: the calibration activations did."""
+        for what, t in (("activation norms", self.act_norm_sq), ("Hessian", self.hessian)):
+            if t is not None and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise ValueError(f"{self.name}: NaN/Inf in the calibration activations ({bad} non-finite "
+                                 f"value(s) in its {what}); the model produces non-finite values on the "
+                                 "calibration data before this layer")
+
+def samples_in(x: torch.Tensor, tokens_per_sample: int | None = None) -> int:
+    """How many calibration samples the layer input x [..., features] holds; see the module docstring."""
+    if x.dim() >= 3:
+        return max(1, x.shape[0])
+    rows = x.shape[0] if x.dim() == 2 else 1
+    if tokens_per_sample and rows >= tokens_per_sample and rows % tokens_per_sample == 0:
+        return rows // tokens_per_sample
+    return 1

@@ -48,5 +48,6 @@ class Wanda(PruningMethod):
                              "method.new_stats(...) and feed the layer inputs to add_batch")
         if stats.nsamples == 0:
             raise ValueError(f"{name}: Wanda statistics saw no calibration samples")
+        stats.check_finite()
         keep = wanda_mask(weight, stats.act_norm_sq.to(weight.device), self.pattern, name=name)
         return LayerResult(weight=weight.masked_fill(~keep, 0), mask=keep, pattern=self.pattern)

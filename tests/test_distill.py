@@ -119,3 +119,19 @@ def test_recover_with_labels_runs_and_needs_a_pruned_student():
     assert len(losses) == 2
     w = student.model.layers[0].mlp.up_proj.weight
     assert ((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2).all()
+
+
+def test_recover_gives_back_each_submodules_mode_and_refuses_a_sparsified_student():
+    teacher = tiny_model("llama")
+    student = copy.deepcopy(teacher)
+    pk.prune(student, pk.Magnitude("2:4"), calib_ids(2, 8), progress=False)
+    packed = copy.deepcopy(student)
+    teacher.train()
+    teacher.model.layers[0].eval()
+    student.model.layers[1].train()
+    pk.recover(student, teacher, calib_ids(2, 8), steps=1, progress=False)
+    assert teacher.training and not teacher.model.layers[0].training and teacher.model.layers[1].training
+    assert not student.training and student.model.layers[1].training and not student.model.layers[0].training
+    pk.sparsify(packed)
+    with pytest.raises(ValueError, match="before prunekit.sparsify"):
+        pk.recover(packed, teacher, calib_ids(2, 8), steps=1, progress=False)

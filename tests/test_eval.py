@@ -150,3 +150,10 @@ def test_sparsity_counts_unstructured_sparse_linear():
     report = pk.sparsify(model, unstructured=True, min_sparsity=0.6)
     assert report.swapped
     assert pk_eval.sparsity(model).total == pytest.approx(0.75)
+
+
+def test_perplexity_gives_back_each_submodules_mode():
+    model = tiny_model("llama").train()
+    model.model.layers[0].eval()
+    pk.eval.perplexity(model, calib_ids(2, 16).reshape(-1), seq_len=16)
+    assert model.training and model.model.layers[1].training and not model.model.layers[0].training

@@ -164,3 +164,26 @@ def test_errors():
         pk.MaskedTraining(mlp())
     with pytest.raises(TypeError, match="schedule"):
         pk.MaskedTraining(mlp(), 0.5, lambda t: 0.5)
+
+
+def test_masks_follow_the_model_to_another_device():
+    model = tiny_model("llama")
+    mt = pk.MaskedTraining(model, 0.5)
+    model.to("meta")  # a device move without an accelerator: the masks must go along
+    mt.apply()
+    assert {mask.device.type for mask in mt.masks.values()} == {"meta"}
+
+
+@pytest.mark.gpu
+def test_masks_follow_the_model_to_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    model = tiny_model("llama")
+    mt = pk.MaskedTraining(model, "2:4")
+    model.cuda()
+    loss = model(input_ids=calib_ids(2, 8).cuda()).logits.float().pow(2).mean()
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    mt.step()
+    w = model.model.layers[0].mlp.up_proj.weight
+    assert w.is_cuda and ((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2).all()

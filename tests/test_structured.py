@@ -296,3 +296,20 @@ def test_bert_and_gpt2_head_refusals_say_why_prune_heads_is_not_used():
         with pytest.raises(ValueError, match="head_dim = hidden_size / num_attention_heads.*pruned_heads"):
             pk.prune_structured(model_of(kind), heads=0.25)
     assert not hasattr(tf.PreTrainedModel, "prune_heads") or tf.__version__ < "5"
+
+
+@pytest.mark.parametrize("importance", ["taylor", "activation"])
+def test_importance_keeps_the_callers_gradients_and_submodule_modes(importance):
+    model = model_of("llama", seed=2).train()
+    model.model.layers[1].eval()
+    grads = {}
+    for name, p in model.named_parameters():
+        p.grad = torch.full_like(p, 0.25)
+        grads[name] = p.grad
+    pk.prune_structured(model, mlp=0.25, importance=importance, calibration=calib_ids(2, 12))
+    assert model.training and model.model.layers[0].training
+    assert not model.model.layers[1].training and not model.model.layers[1].mlp.training
+    for name, p in model.named_parameters():
+        if p.grad is not None and p.grad.shape == grads[name].shape:  # shrunk layers get new parameters
+            assert p.grad is grads[name] and bool((p.grad == 0.25).all()), name
+    assert model.model.embed_tokens.weight.grad is grads["model.embed_tokens.weight"]

@@ -29,21 +29,16 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, seq_len: int = 2048, *
     device = torch.device(device) if device is not None else calibrate.model_device(model)
     windows = ids[: n_windows * seq_len].reshape(n_windows, seq_len)
     extra = calibrate.forward_kwargs(model)
-    was_training = model.training
-    model.eval()
     total = torch.zeros((), dtype=torch.float64)
-    try:
-        with torch.no_grad():
-            bar = tqdm(windows.split(batch_size), desc="prunekit perplexity", unit="batch",
-                       disable=not show_progress(progress))
-            for batch in bar:
-                batch = batch.to(device)
-                logits = model(input_ids=batch, **extra).logits.float()
-                losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                         batch[:, 1:].reshape(-1), reduction="none")
-                total += losses.reshape(batch.shape[0], -1).mean(1).double().sum().cpu() * seq_len
-    finally:
-        model.train(was_training)
+    with torch.no_grad(), calibrate.kept_modes(model, train=False):  # each submodule's flag comes back
+        bar = tqdm(windows.split(batch_size), desc="prunekit perplexity", unit="batch",
+                   disable=not show_progress(progress))
+        for batch in bar:
+            batch = batch.to(device)
+            logits = model(input_ids=batch, **extra).logits.float()
+            losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                     batch[:, 1:].reshape(-1), reduction="none")
+            total += losses.reshape(batch.shape[0], -1).mean(1).double().sum().cpu() * seq_len
     return float(torch.exp(total / (n_windows * seq_len)))
 
 
@@ -96,22 +91,17 @@ def _is_sparse_linear(module: nn.Module) -> bool:
 def embed(model: nn.Module, batches, device=None) -> torch.Tensor:
     """Mean-pooled (over attention_mask), L2-normalized last hidden states: [n_sentences, hidden]."""
     device = torch.device(device) if device is not None else calibrate.model_device(model)
-    was_training = model.training
-    model.eval()
     out = []
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                batch = calibrate.to_device(batch, device)
-                hidden = model(**batch)
-                hidden = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
-                mask = batch.get("attention_mask")
-                mask = torch.ones(hidden.shape[:2], device=device) if mask is None else mask
-                mask = mask.unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-                out.append(F.normalize(pooled.float(), dim=-1).cpu())
-    finally:
-        model.train(was_training)
+    with torch.no_grad(), calibrate.kept_modes(model, train=False):
+        for batch in batches:
+            batch = calibrate.to_device(batch, device)
+            hidden = model(**batch)
+            hidden = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
+            mask = batch.get("attention_mask")
+            mask = torch.ones(hidden.shape[:2], device=device) if mask is None else mask
+            mask = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+            out.append(F.normalize(pooled.float(), dim=-1).cpu())
     return torch.cat(out)
 
 

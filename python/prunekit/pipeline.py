@@ -140,28 +140,31 @@ def prune(model: nn.Module, method: PruningMethod, calibration, *, include=None,
             elif device != home:
                 model.to(home)
     report.seconds = time.perf_counter() - start
-    _check_target(report, target, allocation)
+    _check_target(report, target, allocation, per_layer=not isinstance(method, _GlobalMagnitude))
     log.info("pruned %d layers to sparsity %.4f in %.1f s", len(report.layers), report.sparsity, report.seconds)
     return report
 
 
-def _check_target(report: PruneReport, target: float, allocation) -> None:
+def _check_target(report: PruneReport, target: float, allocation, per_layer: bool = True) -> None:
     """Warns (and records in the report) when a layer's zeros fall short of its own sparsity, or the
     total falls short of the target (an allocation that had to clamp), by more than the per-row rounding
     of a layer's width. A dict allocation's target is its layers' weighted mean."""
     if not report.layers:
         return
     chosen = getattr(allocation, "layer_sparsity", {}) if allocation is not None else {}
-    short = [row.name for row in report.layers
-             if row.sparsity < chosen.get(row.name, target) - 1.0 / row.shape[1] - 1e-9]
+
+    def slack(row) -> float:  # one row's or one column's worth of rounding
+        return 1.0 / min(row.shape) + 1e-9
+
+    short = [] if per_layer is False else [
+        row.name for row in report.layers if row.sparsity < chosen.get(row.name, target) - slack(row)]
     if short:
         _warn(report, f"prunekit.prune: {len(short)} layer(s) are less sparse than asked: "
                       f"{', '.join(short[:6])}{', ...' if len(short) > 6 else ''}")
     if isinstance(allocation, LayerSparsity):
         total = sum(row.numel for row in report.layers)
         target = sum(chosen.get(row.name, target) * row.numel for row in report.layers) / total
-    slack = max(1.0 / row.shape[1] for row in report.layers) + 1e-9
-    if report.sparsity < target - slack:
+    if report.sparsity < target - max(slack(row) for row in report.layers):
         why = f" ({allocation!r} moved layers' sparsities)" if allocation is not None else ""
         _warn(report, f"prunekit.prune: the pruned layers are {report.sparsity:.4f} sparse, below the "
                       f"target {target:.4f}{why}")

@@ -140,7 +140,7 @@ class LayerSparsity(Allocation):
     def check(self, method: PruningMethod, layers: dict[str, nn.Module]) -> None:
         super().check(method, layers)
         for key in self.rules:
-            if not any(calibrate._matches(name, [key]) for name in layers):
+            if not any(patterns.name_matches(name, key) for name in layers):
                 shown = ", ".join(list(layers)[:6]) + (", ..." if len(layers) > 6 else "")
                 raise ValueError(f"allocation[{key!r}] matches none of the layers being pruned ({shown})")
 
@@ -148,7 +148,7 @@ class LayerSparsity(Allocation):
                    context: Context | None = None) -> dict[str, float]:
         chosen = {}
         for name in layers:
-            rule = next((key for key in self.rules if calibrate._matches(name, [key])), None)
+            rule = next((key for key in self.rules if patterns.name_matches(name, key)), None)
             if rule is not None:
                 chosen[name] = self.rules[rule]
         return chosen

@@ -423,37 +423,37 @@ def _loss_gradients(model, block_list, kinds, batches) -> dict[tuple[int, str], 
     layers = _layers(block_list, kinds)
     device = calibrate.model_device(model)
     flags = {p: p.requires_grad for p in model.parameters()}
+    grads = {p: p.grad for p in model.parameters()}  # the caller's gradients come back untouched
     sums = {key: torch.zeros(calibrate.layer_weight(m).shape, dtype=torch.float32, device=device)
             for key, m in layers.items()}
-    was_training = model.training
-    model.eval()
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for m in layers.values():
-            m.weight.requires_grad_(True)
-            m.weight.grad = None
-        with torch.enable_grad():
-            for batch in batches:
-                batch = calibrate.to_device(batch, device)
-                if "labels" not in batch:
-                    if "input_ids" not in batch:
-                        raise ValueError("importance='taylor': a calibration batch has neither labels "
-                                         "nor input_ids to use as labels")
-                    batch["labels"] = batch["input_ids"]
-                out = model(**batch, **calibrate.forward_kwargs(model))
-                loss = out.loss if hasattr(out, "loss") else out[0]
-                loss.backward()
-                for key, m in layers.items():
-                    if m.weight.grad is not None:
-                        g = m.weight.grad.t() if calibrate.is_conv1d(m) else m.weight.grad
-                        sums[key] += g.float()
-                        m.weight.grad = None
-    finally:
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-            p.grad = None
-        model.train(was_training)
+    with calibrate.kept_modes(model, train=False):
+        try:
+            for p in model.parameters():
+                p.requires_grad_(False)
+                p.grad = None
+            for m in layers.values():
+                m.weight.requires_grad_(True)
+                m.weight.grad = None
+            with torch.enable_grad():
+                for batch in batches:
+                    batch = calibrate.to_device(batch, device)
+                    if "labels" not in batch:
+                        if "input_ids" not in batch:
+                            raise ValueError("importance='taylor': a calibration batch has neither labels "
+                                             "nor input_ids to use as labels")
+                        batch["labels"] = batch["input_ids"]
+                    out = model(**batch, **calibrate.forward_kwargs(model))
+                    loss = out.loss if hasattr(out, "loss") else out[0]
+                    loss.backward()
+                    for key, m in layers.items():
+                        if m.weight.grad is not None:
+                            g = m.weight.grad.t() if calibrate.is_conv1d(m) else m.weight.grad
+                            sums[key] += g.float()
+                            m.weight.grad = None
+        finally:
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
+                p.grad = grads[p]
     return sums
 
 
@@ -473,16 +473,13 @@ def _input_activations(model, block_list, kinds, batches) -> dict[tuple[int, str
         return accumulate
 
     handles = [m.register_forward_pre_hook(hook(key)) for key, m in probes.items()]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), calibrate.kept_modes(model, train=False):
             for batch in batches:
                 model(**calibrate.to_device(batch, device), **calibrate.forward_kwargs(model))
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return {key: sums[key] / max(tokens[key], 1) for key in probes}
 
 

@@ -9,6 +9,7 @@ independent of the temperature. `recover` trains with the pruned weights held at
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -119,12 +120,13 @@ def recover(student: nn.Module, teacher: nn.Module, batches, steps: int, lr: flo
                             vocab=data.vocab_size(student))
     if any("input_ids" not in b for b in items):
         raise ValueError("recover: every batch needs input_ids (the next-token positions define the loss)")
+    _refuse_sparsified(student)
     masks = MaskedTraining.from_pruned(student, include=include, exclude=exclude, blocks=blocks)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    was_training, teacher_was_training = student.training, teacher.training
-    student.train()
-    teacher.eval()
+    modes = contextlib.ExitStack()  # every submodule of both models gets its own training flag back
+    modes.enter_context(calibrate.kept_modes(student, train=True))
+    modes.enter_context(calibrate.kept_modes(teacher, train=False))
     losses: list[float] = []
     log.info("recover: %d steps, lr %g, T %g, alpha %g, %d sparse layers held fixed", steps, lr,
              temperature, alpha, len(masks.layers))
@@ -143,6 +145,15 @@ def recover(student: nn.Module, teacher: nn.Module, batches, steps: int, lr: flo
     finally:
         masks.finalize()
         optimizer.zero_grad(set_to_none=True)
-        student.train(was_training)
-        teacher.train(teacher_was_training)
+        modes.close()
     return losses
+
+
+def _refuse_sparsified(student: nn.Module) -> None:
+    from ..nn.sparse_linear import SparseLinear
+
+    packed = [name for name, m in student.named_modules() if isinstance(m, SparseLinear)]
+    if packed:
+        raise ValueError(f"recover: the student holds {len(packed)} SparseLinear layer(s) ({packed[0]}, ...): "
+                         "recover fine-tunes dense nn.Linear weights under their zero masks. Run "
+                         "prunekit.recover after prunekit.prune and before prunekit.sparsify, then sparsify")

@@ -141,7 +141,7 @@ class MaskedTraining:
     def apply(self) -> None:
         """Sets every pruned weight to exactly zero."""
         for name, module in self.layers.items():
-            pruned = self._pruned[name]
+            pruned = self._pruned_on(name, module.weight.device)
             if pruned is not None:
                 module.weight.data.masked_fill_(pruned, 0)
 
@@ -176,9 +176,16 @@ class MaskedTraining:
 
     def _grad_hook(self, name: str):
         def hook(grad: torch.Tensor) -> torch.Tensor:
-            pruned = self._pruned[name]
+            pruned = self._pruned_on(name, grad.device)
             return grad if pruned is None else grad.masked_fill(pruned, 0)
         return hook
+
+    def _pruned_on(self, name: str, device: torch.device) -> torch.Tensor | None:
+        """The pruned-mask on `device`: masks follow the model when it moves (model.to(...))."""
+        pruned = self._pruned[name]
+        if pruned is not None and pruned.device != device:
+            pruned = self._pruned[name] = pruned.to(device)
+        return pruned
 
     def _set_mask(self, name: str, keep: torch.Tensor | None) -> None:
         """Stores ~keep in the parameter's own layout (transposed back for Conv1D)."""

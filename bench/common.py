@@ -98,18 +98,8 @@ def summarize(samples: Sequence[float], unit: str) -> dict:
 
 
 def _capture(calls: Sequence[Callable[[], object]]) -> torch.cuda.CUDAGraph:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm up outside the graph (lazy init, autotuning, dispatch timing)
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    return graph
+    from prunekit.ops._timing import capture_graph  # the library's own capture (warm-up on a side stream)
+    return capture_graph(calls)
 
 
 def time_calls(calls: Sequence[Callable[[], object]], *, graph: bool = True, samples: int = 30,

@@ -37,6 +37,16 @@ class CpuRouted:
     def _empty_packed(self) -> dict[str, torch.Tensor]:  # zero-size placeholders of the packed tensors
         raise NotImplementedError
 
+    def to_dense(self) -> torch.nn.Linear:
+        """An nn.Linear holding this layer's (effective, dense) weight and bias."""
+        linear = torch.nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                                 device=self.values.device, dtype=self.values.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
     # ---- state ----
     @property
     def is_dense(self) -> bool:

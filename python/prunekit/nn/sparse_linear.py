@@ -108,15 +108,6 @@ class SparseLinear(CpuRouted, nn.Module):
         return {"values": self.values.new_empty(0, self.in_features // 2),
                 "meta": self.meta.new_empty(0, self.in_features // 8)}
 
-    def to_dense(self) -> nn.Linear:
-        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None,
-                           device=self.values.device, dtype=self.values.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(self.weight)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._cpu_forward(x)
         if y is not None:

@@ -12,9 +12,9 @@ import torch
 log = logging.getLogger("prunekit")
 
 
-def graph_time_us(calls: Sequence[Callable[[], object]], samples: int = 15, min_sample_us: float = 200.0) -> float:
-    """Median per-call µs of graph replays of `calls` (warmed up on a side stream first: builds cached copies
-    per weight). Raises RuntimeError when the calls cannot be captured."""
+def capture_graph(calls: Sequence[Callable[[], object]]) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of `calls`, warmed up on a side stream first (lazy init, autotuning, cached copies per
+    weight happen outside the graph). Raises RuntimeError when the calls cannot be captured."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -26,7 +26,12 @@ def graph_time_us(calls: Sequence[Callable[[], object]], samples: int = 15, min_
     with torch.cuda.graph(graph):
         for call in calls:
             call()
-    return _replays_us(graph.replay, len(calls), samples, min_sample_us)
+    return graph
+
+
+def graph_time_us(calls: Sequence[Callable[[], object]], samples: int = 15, min_sample_us: float = 200.0) -> float:
+    """Median per-call µs of graph replays of `calls` (see capture_graph)."""
+    return _replays_us(capture_graph(calls).replay, len(calls), samples, min_sample_us)
 
 
 def eager_time_us(calls: Sequence[Callable[[], object]], samples: int = 15, min_sample_us: float = 200.0) -> float:

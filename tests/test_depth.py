@@ -122,3 +122,14 @@ def test_explicit_removal_and_errors():
     gpt2.config.scale_attn_by_inverse_layer_idx = True
     with pytest.raises(ValueError, match="layer_idx"):
         pk.prune_depth(gpt2, remove=[1])
+
+
+@pytest.mark.parametrize("importance", ["angular", "loss"])
+def test_submodules_get_their_training_flags_back(importance):
+    model = model_of("llama").train()
+    blocks = list(model.model.layers)
+    blocks[2].eval()
+    pk.prune_depth(model, calib_ids(2, 8), n_blocks=1, importance=importance)
+    assert model.training and model.lm_head.training
+    assert not any(m.training for m in blocks[2].modules())
+    assert all(m.training for i in (0, 1, 3) for m in blocks[i].modules())

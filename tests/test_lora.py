@@ -99,3 +99,35 @@ def test_errors():
         pk.recover_lora(tiny_model("llama"), None, calib_ids(2, 8), steps=0)
     with pytest.raises(ValueError, match="no linear layer matched"):
         pk.recover_lora(tiny_model("llama"), None, calib_ids(2, 8), steps=1, include="nothing.*", progress=False)
+
+
+def test_prune_refuses_a_peft_model_and_changes_nothing():
+    import peft
+
+    model = tiny_model("llama", seed=5)
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    before = {k: v.clone() for k, v in peft_model.state_dict().items()}
+    for method, calib in ((pk.Wanda(0.5), calib_ids(2, 8)), (pk.Magnitude(0.5), None)):
+        with pytest.raises(ValueError, match=r"q_proj\.base_layer .*peft LoRA adapters.*merge_and_unload"):
+            pk.prune(peft_model, method, calib, progress=False)
+    assert all(torch.equal(v, peft_model.state_dict()[k]) for k, v in before.items())
+    # layers without adapters can still be chosen explicitly
+    pk.prune(peft_model, pk.Magnitude(0.5), None, include="*.mlp.*", progress=False)
+    assert (model.model.layers[0].mlp.up_proj.weight == 0).float().mean() == 0.5
+    merged = peft_model.merge_and_unload()
+    pk.prune(merged, pk.Magnitude(0.5), None, progress=False)
+    assert (merged.model.layers[0].self_attn.q_proj.weight == 0).float().mean() == 0.5
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_submodules_get_their_training_flags_back(merge):
+    dense = tiny_model("llama", seed=6)
+    model = copy.deepcopy(dense).train()
+    model.model.layers[1].eval()
+    dense.train()
+    dense.model.layers[0].eval()
+    report = pk.recover_lora(model, dense, calib_ids(2, 8), steps=2, r=2, merge=merge, progress=False)
+    assert model.training and model.model.layers[0].training
+    assert not model.model.layers[1].training and not model.model.layers[1].mlp.training
+    assert dense.training and not dense.model.layers[0].training and dense.model.layers[1].training
+    assert report.model is (model if merge else report.model)

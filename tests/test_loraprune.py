@@ -282,3 +282,15 @@ def test_error_during_training_removes_adapters(monkeypatch):
     with torch.no_grad():  # no mask hook left behind
         ids = calib_ids(1, 6)
         assert torch.equal(model(input_ids=ids).logits, model_of("llama", seed=6)(input_ids=ids).logits)
+
+
+def test_driver_gives_back_each_submodules_training_flag():
+    model = model_of("llama", seed=7).train()
+    blocks = list(model.model.layers)
+    blocks[1].eval()
+    teacher = copy.deepcopy(model).train()
+    teacher.model.layers[0].eval()
+    pk.loraprune(model, calib_ids(2, 8), mlp=0.5, steps=3, iterations=1, teacher=teacher, progress=False)
+    assert model.training and all(m.training for m in blocks[0].modules())
+    assert not any(m.training for m in blocks[1].modules())
+    assert teacher.training and not teacher.model.layers[0].training and teacher.model.layers[1].training

@@ -72,3 +72,12 @@ def test_sparsify_uses_the_same_rule():
             block.fc.weight.view(8, 2, 4)[:, :, :2] = 0
     report = pk.sparsify(model, exclude="model.layers.1.*")
     assert set(report.skipped) == {"model.layers.1.fc"} and len(report.swapped) == 11
+
+
+def test_selected_include_replaces_the_default_and_exclude_removes():
+    inc, exc = patterns.as_name_patterns("a.*", "include"), patterns.as_name_patterns(["*.x"], "exclude")
+    assert patterns.selected("a.b", inc, [], default=False)       # include picks what the default would not
+    assert not patterns.selected("c.b", inc, [], default=True)    # and replaces the default choice
+    assert patterns.selected("c.b", [], [], default=True) and not patterns.selected("c.b", [], [], default=False)
+    assert not patterns.selected("a.x", inc, exc, default=True)   # exclude wins
+    assert not patterns.selected("c.x", [], exc, default=True)

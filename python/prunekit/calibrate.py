@@ -84,14 +84,6 @@ def _block_candidates(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if name and _is_block_list(m)]
 
 
-def _matches(name: str, patterns) -> bool:
-    return any(_patterns.name_matches(name, p) for p in patterns)
-
-
-def _as_patterns(value, what: str) -> list[str]:
-    return _patterns.as_name_patterns(value, what)
-
-
 def select_layers(model: nn.Module, include=None, exclude=None, block_path: str | None = None
                   ) -> dict[str, nn.Module]:
     """The linear layers to prune, by qualified name.
@@ -101,18 +93,15 @@ def select_layers(model: nn.Module, include=None, exclude=None, block_path: str 
     (shell globs; a regular expression only with a `re:` prefix — see prunekit.patterns); `include` replaces the default
     selection, `exclude` removes from it.
     """
-    include_p, exclude_p = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
+    include_p = _patterns.as_name_patterns(include, "include")
+    exclude_p = _patterns.as_name_patterns(exclude, "exclude")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     prefix = block_path + "." if block_path else ""
     chosen: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         if not is_prunable(module):
             continue
-        if include_p:
-            take = _matches(name, include_p)
-        else:
-            take = name.startswith(prefix) and module is not head
-        if take and not _matches(name, exclude_p):
+        if _patterns.selected(name, include_p, exclude_p, name.startswith(prefix) and module is not head):
             chosen[name] = module
     return chosen
 

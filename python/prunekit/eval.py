@@ -10,7 +10,7 @@ from torch import nn
 
 from tqdm.auto import tqdm
 
-from . import calibrate, data
+from . import calibrate, data, patterns
 from ._progress import show_progress
 
 
@@ -64,11 +64,10 @@ def sparsity(model: nn.Module, include=None, exclude=None) -> Sparsity:
     if sparse:  # SparseLinear is not a prunable nn.Linear; select it by the same rule
         prefix = found[0] + "." if found else ""
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        inc = calibrate._as_patterns(include, "include")
-        exc = calibrate._as_patterns(exclude, "exclude")
+        inc = patterns.as_name_patterns(include, "include")
+        exc = patterns.as_name_patterns(exclude, "exclude")
         for name, m in sparse.items():
-            take = calibrate._matches(name, inc) if inc else name.startswith(prefix) and m is not head
-            if take and not calibrate._matches(name, exc):
+            if patterns.selected(name, inc, exc, name.startswith(prefix) and m is not head):
                 layers[name] = m
         layers = {name: layers[name] for name, _ in model.named_modules() if name in layers}
     per_layer, zeros, numel = {}, 0, 0

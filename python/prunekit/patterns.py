@@ -97,3 +97,11 @@ def name_matches(name: str, pattern: str) -> bool:
 
 def matches_any(name: str, patterns) -> bool:
     return any(name_matches(name, p) for p in as_name_patterns(patterns, "patterns"))
+
+
+def selected(name: str, include: list[str], exclude: list[str], default: bool) -> bool:
+    """The include / exclude rule every layer selection uses: a non-empty `include` replaces the
+    `default` choice (whether the layer is picked without patterns), then `exclude` removes from it.
+    `include` / `exclude` are lists already checked by `as_name_patterns`."""
+    take = any(name_matches(name, p) for p in include) if include else default
+    return take and not any(name_matches(name, p) for p in exclude)

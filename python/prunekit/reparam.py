@@ -24,8 +24,22 @@ def torch_pruned(module: nn.Module, attr: str = "weight") -> bool:
                for hook in module._forward_pre_hooks.values())
 
 
+_ADAPTER_PARTS = ("base_layer", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+
 def check_plain_weights(modules: dict[str, nn.Module], caller: str) -> None:
-    """Refuses a layer whose weight is a torch.nn.utils.parametrize parametrization (before any change)."""
+    """Refuses a layer whose weight is a torch.nn.utils.parametrize parametrization, or that belongs to a
+    peft LoRA adapter (its owner computes W + s·B·A, so neither W nor an adapter matrix is the weight the
+    model uses), before any change."""
+    adapter = [name for name in modules if set(name.split(".")) & set(_ADAPTER_PARTS)]
+    if adapter:
+        owner = next(part for part in adapter[0].split(".") if part in _ADAPTER_PARTS)
+        raise ValueError(f"{caller}: {adapter[0]} (and {len(adapter) - 1} more layers) belong to peft LoRA "
+                         f"adapters: the layer {adapter[0].partition('.' + owner)[0]} computes W + s·B·A, so "
+                         f"pruning its base weight or the adapter matrices would not prune what the model "
+                         f"computes. Merge first (peft_model.merge_and_unload()) and prune the merged model, or "
+                         f"prune before adding adapters (prunekit.recover_lora adds them to a pruned model and "
+                         f"merges keeping the zeros)")
     for name, module in modules.items():
         if parametrize.is_parametrized(module, "weight"):
             raise ValueError(f"{caller}: {name}.weight is a torch.nn.utils.parametrize parametrization; "

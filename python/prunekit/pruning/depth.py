@@ -189,12 +189,8 @@ def prune_depth(model: nn.Module, calibration=None, *, n_blocks: int | None = No
             raise ValueError(f"importance={importance!r} needs calibration data (token ids or batches)")
         batches = data.as_batches(calibration, batch_size=batch_size, max_len=data.max_positions(model),
                                   vocab=data.vocab_size(model))
-        was_training = model.training
-        model.eval()
-        try:
+        with calibrate.kept_modes(model, train=False):  # each submodule's own flag comes back
             scores = (angular_distances if importance == "angular" else loss_increases)(model, block_list, batches)
-        finally:
-            model.train(was_training)
         report.scores = scores
         order = sorted(range(total), key=lambda i: (scores[i], -i))
         removed = sorted(order[:n_blocks])

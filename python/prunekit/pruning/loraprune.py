@@ -30,6 +30,7 @@ the merged model has exactly the masked pattern.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -396,11 +397,11 @@ def loraprune(model: nn.Module, batches, *, heads: float = 0.0, mlp: float = 0.0
     rounds = {k * every: k for k in range(1, iterations + 1)}
     params = lp.parameters()
     optimizer = torch.optim.AdamW(params, lr=lr)
-    was_training = model.training
-    if teacher is not None:
-        teacher.eval()
-    model.train()
     losses = []
+    modes = contextlib.ExitStack()  # every submodule's own training flag comes back, in both models
+    modes.enter_context(calibrate.kept_modes(model, train=True))
+    if teacher is not None:
+        modes.enter_context(calibrate.kept_modes(teacher, train=False))
     try:
         for step in tqdm(range(1, steps + 1), desc="prunekit loraprune", unit="step",
                          disable=not show_progress(progress)):
@@ -421,6 +422,6 @@ def loraprune(model: nn.Module, batches, *, heads: float = 0.0, mlp: float = 0.0
         lp.abort()
         raise
     finally:
-        model.train(was_training)
+        modes.close()
     report.losses = losses
     return report

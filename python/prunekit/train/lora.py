@@ -17,6 +17,7 @@ effective weights W + s·B·A are dense, and `delta_dropped` says what a masked 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import calibrate, data
+from .._progress import show_progress
 from ..pruning.loraprune import ADAPTER, require_peft
 from .distill import lm_loss
 
@@ -114,7 +116,7 @@ def recover_lora(student: nn.Module, teacher: nn.Module | None, batches, steps: 
                  r: int = 8, lora_alpha: float = 16.0, lora_dropout: float = 0.0, merge: bool = True,
                  temperature: float = 2.0, alpha: float = 1.0, include=None, exclude=None,
                  blocks: str | None = None, batch_size: int = 1, max_grad_norm: float | None = 1.0,
-                 progress: bool = True, log_every: int = 10) -> LoRARecoveryReport:
+                 progress: bool | None = None, log_every: int = 10) -> LoRARecoveryReport:
     """Fine-tunes LoRA adapters on the pruned `student` towards `teacher` (see the module docstring).
 
     batches: token ids [n, seq_len] or a list of batches, cycled for `steps` AdamW steps.
@@ -150,15 +152,16 @@ def recover_lora(student: nn.Module, teacher: nn.Module | None, batches, steps: 
     peft_model = peft.get_peft_model(student, config)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
-    was_training, teacher_was_training = student.training, teacher.training if teacher is not None else None
-    peft_model.train()
+    modes = contextlib.ExitStack()  # every submodule of both models gets its own training flag back
+    modes.enter_context(calibrate.kept_modes(peft_model, train=True))
     if teacher is not None:
-        teacher.eval()
+        modes.enter_context(calibrate.kept_modes(teacher, train=False))
     losses: list[float] = []
     log.info("recover_lora: %d steps, lr %g, rank %d on %d layers (%d adapter parameters)", steps, lr, r,
              len(layers), sum(p.numel() for p in params))
     try:
-        for step in tqdm(range(steps), desc="prunekit recover_lora", unit="step", disable=not progress):
+        for step in tqdm(range(steps), desc="prunekit recover_lora", unit="step",
+                         disable=not show_progress(progress)):
             batch = items[step % len(items)]
             if causal:
                 loss = lm_loss(peft_model, batch, teacher, temperature=temperature, alpha=alpha)
@@ -174,8 +177,7 @@ def recover_lora(student: nn.Module, teacher: nn.Module | None, batches, steps: 
                 log.info("recover_lora step %d/%d: loss %.5f", step + 1, steps, losses[-1])
     finally:
         optimizer.zero_grad(set_to_none=True)
-        if teacher is not None:
-            teacher.train(teacher_was_training)
+        modes.close()
     dropped, per_layer = delta_dropped(peft_model)
     report = LoRARecoveryReport(losses=losses, merged=merge, delta_dropped=dropped, per_layer=per_layer,
                                 trainable=sum(p.numel() for p in params))
@@ -185,6 +187,5 @@ def recover_lora(student: nn.Module, teacher: nn.Module | None, batches, steps: 
             p.requires_grad_(flag)
     else:
         report.model = peft_model
-    report.model.train(was_training)
     log.info("%s", report)
     return report

@@ -48,6 +48,8 @@ _EXPORTS = {
     "Allocation": ("pruning.allocation", "Allocation"),
     "OWL": ("pruning.allocation", "OWL"),
     "LayerSparsity": ("pruning.allocation", "LayerSparsity"),
+    "search_allocation": ("search.run", "search_allocation"),
+    "SearchedAllocation": ("search.result", "SearchedAllocation"),
     "MaskedTraining": ("train.masked", "MaskedTraining"),
     "Schedule": ("train.schedule", "Schedule"),
     "cubic_schedule": ("train.schedule", "cubic_schedule"),
@@ -62,7 +64,7 @@ _EXPORTS = {
     "iterative_magnitude": ("train.imp", "iterative_magnitude"),
     "recover_lora": ("train.lora", "recover_lora"),
 }
-_SUBMODULES = {"data", "eval", "ops", "ref", "nn", "pruning", "io", "cli", "patterns", "calibrate", "train"}
+_SUBMODULES = {"data", "eval", "ops", "ref", "nn", "pruning", "io", "cli", "patterns", "calibrate", "train", "search"}
 
 
 def __getattr__(name: str):

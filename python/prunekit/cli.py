@@ -171,6 +171,8 @@ def _parser() -> argparse.ArgumentParser:
 
     from .selftest import add_parser as add_selftest  # every kernel vs its reference (selftest.py)
     add_selftest(commands)
+    from .search.cli import add_parser as add_search  # per-layer sparsity search (search/cli.py)
+    add_search(commands)
     return parser
 
 

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.utils.prune  # noqa: F401
 from torch import nn
 
 import prunekit as pk
@@ -179,6 +180,9 @@ def test_bad_method_and_calibration():
         pk.search_allocation(model, "wanda", calib_ids(2, 16), target=0.5, batch_size=2)
     with pytest.raises(ValueError, match="scope='global'"):
         pk.search_allocation(model, pk.Magnitude(0.5, scope="global"), calib_ids(8, 16), batch_size=2)
+    torch.nn.utils.prune.l1_unstructured(model.encoder.layer[0].intermediate.dense, "weight", amount=0.3)
+    with pytest.raises(ValueError, match="intermediate.dense.*torch.nn.utils.prune"):
+        pk.search_allocation(model, "wanda", calib_ids(8, 16), target=0.5, batch_size=2)
 
 
 def test_history_json_plot_and_allocation_file(tmp_path):

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import calibrate, data, patterns, preflight
+from .. import calibrate, data, patterns, preflight, reparam
 from .._progress import show_progress
 from ..pruning.base import PruningMethod
 from .cache import VariantCache
@@ -92,6 +92,11 @@ def search_allocation(model: nn.Module, method, calibration, *, target=None, kep
         raise calibrate.no_layers_error(model, include, exclude)
     layers, _ = preflight.split_empty(layers)
     preflight.check_weights(method, layers)
+    reparam.check_plain_weights(layers, "search_allocation")
+    masked = [name for name, m in layers.items() if reparam.torch_pruned(m)]
+    if masked:  # the search writes trial weights into .weight, which torch's pre-hook would overwrite
+        raise ValueError(f"search_allocation: {masked[0]} (and {len(masked) - 1} more layers) carry "
+                         "torch.nn.utils.prune masks; make them permanent first (torch.nn.utils.prune.remove)")
     numel = {name: calibrate.layer_weight(m).numel() for name, m in layers.items()}
     total = sum(numel.values())
     if kept is not None:

@@ -16,6 +16,8 @@ import signal
 import sys
 import tempfile
 
+from .distributed import launch
+from .distributed.group import rank_device
 from .pipeline import METHODS
 from .report import private_name
 
@@ -133,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--plot", action="store_true", help="also write report.png (needs matplotlib)")
-    p.set_defaults(run=_prune)
+    p.set_defaults(run=_prune_command)
 
     s = commands.add_parser("prune-structured", help="remove attention heads / MLP channels (model shrinks)")
     s.add_argument("--model", required=True, help="checkpoint directory (save_pretrained layout)")
@@ -366,6 +368,10 @@ def _prune(args) -> int:
     if args.calib is None and args.recover_steps is not None:
         raise CLIError("--recover-steps trains on the calibration text: pass --calib FILE")
     device = check_device(args.device)
+    if launch.world_size() > 1:  # torchrun: this process's GPU; prunekit.prune runs across the ranks
+        device = rank_device(device)
+        if args.recover_steps is not None:
+            raise CLIError("--recover-steps trains in one process; run it without torchrun")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise CLIError("--plot needs matplotlib: pip install 'prunekit[plot]'")
     method = _method(args)
@@ -398,10 +404,18 @@ def _prune(args) -> int:
                 include=args.include, exclude=args.exclude, progress=_progress())
         model.to("cpu")
         del teacher
-    _write_atomically(out, lambda folder: _save(folder, model, tokenizer, report, args.plot, args.format))
-    print(report)
-    print(f"wrote {out}")
+    launch.on_rank0(lambda: _write_atomically(
+        out, lambda folder: _save(folder, model, tokenizer, report, args.plot, args.format)))
+    if launch.rank() == 0:
+        print(report)
+        print(f"wrote {out}")
     return 0
+
+
+def _prune_command(args) -> int:
+    """`prunekit prune`; under torchrun (WORLD_SIZE > 1) in a process group made for the command."""
+    with launch.process_group(rank_device(check_device(args.device))):
+        return _prune(args)
 
 
 def _save(folder: str, model, tokenizer, report, plot: bool, fmt: str = "hf") -> None:

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from . import calibrate
+from .distributed import session as dist_session
+from .distributed.reduce import reduce_stats
 from .pruning.base import PruningMethod
 from .pruning.stats import LayerStats
 
@@ -22,7 +24,15 @@ def collect_stats(layers: dict[str, nn.Module], run: Callable[[int], object], n_
                   method: PruningMethod, device: torch.device,
                   tokens_of: Callable[[int], int | None] = lambda j: None) -> dict[str, LayerStats | None]:
     """Statistics by layer name after running `run(j)` for every batch j. `tokens_of(j)`: the sequence
-    length of batch j, so that inputs flattened to tokens count samples as 3-D inputs do."""
+    length of batch j, so that inputs flattened to tokens count samples as 3-D inputs do. In a
+    distributed run (prunekit.distributed) the batches are this rank's share and the statistics are
+    summed over every rank's, so each rank returns what one process would over all batches."""
+    stats = _accumulate(layers, run, n_batches, method, device, tokens_of)
+    session = dist_session.active()
+    return stats if session is None else reduce_stats(session, stats)
+
+
+def _accumulate(layers, run, n_batches, method, device, tokens_of) -> dict[str, LayerStats | None]:
     stats = {name: method.new_stats(calibrate.in_features(m), device=device, name=name)
              for name, m in layers.items()}
     wanted = {name: layers[name] for name, s in stats.items() if s is not None}

@@ -23,6 +23,10 @@ from tqdm.auto import tqdm
 from . import calibrate, data, preflight, reparam
 from ._progress import show_progress
 from .collect import collect_stats
+from .distributed import partition as dist_partition
+from .distributed import reduce as dist_reduce
+from .distributed import session as dist_session
+from .distributed import share as dist_share
 from .pruning.allocation import Context, LayerSparsity, as_allocation
 from .pruning.base import LayerResult, PruningMethod
 from .pruning.refine import Refined
@@ -46,7 +50,8 @@ def make_method(name: str, sparsity) -> PruningMethod:
 
 def prune(model: nn.Module, method: PruningMethod, calibration, *, include=None, exclude=None,
           offload: bool = False, device=None, blocks: str | None = None, seed: int = 0,
-          progress: bool | None = None, batch_size: int = 1, allocation=None, refine=None) -> PruneReport:
+          progress: bool | None = None, batch_size: int = 1, allocation=None, refine=None,
+          distributed: bool | None = None) -> PruneReport:
     """Prunes `model` in place with `method` and returns a per-layer report.
 
     calibration: token ids [n_samples, seq_len] (see prunekit.data), or a list of batches (tensors or
@@ -64,14 +69,31 @@ def prune(model: nn.Module, method: PruningMethod, calibration, *, include=None,
         (see prunekit.pruning.allocation); the method's sparsity is the target.
     refine: refinement steps run on each layer after the method, in order, on the same statistics
         (e.g. [prunekit.DSnoT(), prunekit.LeastSquares()]; see prunekit.pruning.refine).
+    distributed: None (default) runs across the ranks of a torch.distributed process group of several
+        processes when there is one (torchrun; prunekit initializes it from torchrun's environment
+        when needed): each rank calibrates on its share of the batches and prunes its share of each
+        block's layers, and every rank ends with the whole pruned model (the same one a single process
+        would make, up to float summation order). Every rank must pass the same model, method and
+        data. False: this process prunes alone. See prunekit.distributed.
     """
+    home = calibrate.model_device(model) if isinstance(model, nn.Module) else torch.device("cpu")
+    session = dist_session.start(distributed, device if device is not None else home)
+    with dist_session.running(session):
+        return _prune(model, method, calibration, include=include, exclude=exclude, offload=offload,
+                      device=session.device if session is not None else device, blocks=blocks, seed=seed,
+                      progress=progress, batch_size=batch_size, allocation=allocation, refine=refine,
+                      session=session)
+
+
+def _prune(model, method, calibration, *, include, exclude, offload, device, blocks, seed, progress,
+           batch_size, allocation, refine, session) -> PruneReport:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(method, PruningMethod):
         raise TypeError(f"method: expected a prunekit pruning method (e.g. prunekit.Wanda(0.5)), "
                         f"got {type(method).__name__}")
     allocation = as_allocation(allocation)
-    progress = show_progress(progress)  # default: bars only on a terminal
+    progress = show_progress(progress) and (session is None or session.rank == 0)  # default: on a terminal
     refine = refine_steps(refine)
     if refine:
         check_refinable(method)
@@ -82,6 +104,10 @@ def prune(model: nn.Module, method: PruningMethod, calibration, *, include=None,
     home = calibrate.model_device(model)
     device = torch.device(device) if device is not None else home
     batches = _batches_or_none(calibration, method, allocation, model, batch_size)
+    if session is not None:
+        session.agree("arguments", dist_session.fingerprint(model, method, batches, include, exclude, allocation))
+        if batches is not None:
+            batches = session.shard(batches)
     found = calibrate.find_blocks(model, blocks)
     block_path, block_list = found if found is not None else (None, None)
     targets = calibrate.select_layers(model, include, exclude, block_path)
@@ -117,6 +143,8 @@ def prune(model: nn.Module, method: PruningMethod, calibration, *, include=None,
                     preflight.check_called(model, targets, lambda: _whole_model_run(
                         model, batches, device, block_list if offload else None, home)(0))
                 if allocation is not None:
+                    if session is not None:
+                        session.where = "allocation"
                     method = allocation.apply(method, targets, Context(model, batches, device, found,
                                                                        home if offload else None, progress))
                 if refine:
@@ -139,6 +167,9 @@ def prune(model: nn.Module, method: PruningMethod, calibration, *, include=None,
                 block_list.to(home)  # a no-op unless a block was left on the device by an error
             elif device != home:
                 model.to(home)
+    if session is not None:
+        session.where = "end"
+        report.distributed = session.summary()
     report.seconds = time.perf_counter() - start
     _check_target(report, target, allocation, per_layer=not isinstance(method, _GlobalMagnitude))
     log.info("pruned %d layers to sparsity %.4f in %.1f s", len(report.layers), report.sparsity, report.seconds)
@@ -245,6 +276,8 @@ def _prune_blocks(model, block_path, block_list, targets, batches, method, devic
     done: set[str] = set()
     bar = tqdm(per_block, desc=f"prunekit {method!r}", unit="block", disable=not progress)
     for index, (block, layers) in enumerate(bar):
+        if dist_session.active() is not None:
+            dist_session.active().where = f"block {index}"
         if offload_home is not None:
             block.to(device)
 
@@ -289,6 +322,8 @@ def _prune_whole_model(model, layers, batches, method, device, offload_blocks, h
     """Prunes layers with statistics from whole-model forwards (models without blocks, or layers
     outside the block list)."""
     run = _whole_model_run(model, batches, device, offload_blocks, home)
+    if dist_session.active() is not None:
+        dist_session.active().where = "layers outside the blocks"
     _prune_layers(layers, run, len(batches), method, device, report, lambda j: _sequence_length(batches[j]))
 
 
@@ -296,7 +331,10 @@ def _prune_layers(layers: dict[str, nn.Module], run, n_batches: int, method: Pru
                   device: torch.device, report: PruneReport, tokens_of=lambda j: None) -> list:
     """Statistics pass, pruning, then a re-run that measures each layer's error; returns the
     re-run's outputs."""
-    stats = collect_stats(layers, run, n_batches, method, device, tokens_of)
+    stats = collect_stats(layers, run, n_batches, method, device, tokens_of)  # summed over ranks if distributed
+    session = dist_session.active()
+    if session is not None:  # each layer is pruned by one rank (its owner) and broadcast
+        owner = dist_partition.owners(layers, stats, method.needs_hessian, session.world)
     deltas: dict[str, torch.Tensor] = {}
     rows: dict[str, LayerReport] = {}
     for name, module in layers.items():
@@ -307,6 +345,8 @@ def _prune_layers(layers: dict[str, nn.Module], run, n_batches: int, method: Pru
             warnings.warn(message, stacklevel=4)
             report.warnings.append(message)
             report.skipped.append({"name": name, "shape": list(dense.shape), "reason": message})
+            continue
+        if session is not None and owner[name] != session.rank:
             continue
         began = _clock(device)
         result = method.prune_layer(dense.clone(), stats[name], name)
@@ -322,7 +362,12 @@ def _prune_layers(layers: dict[str, nn.Module], run, n_batches: int, method: Pru
             report.quant[name] = result.quant
         for note in result.notes:
             log.info(note)
+        if session is not None:
+            session.layers_pruned += 1
+            session.prune_seconds += seconds
     del stats
+    if session is not None:
+        rows = dist_share.share_pruned(session, layers, owner, rows, deltas, report.quant)
 
     errors = {name: torch.zeros((), dtype=torch.float64, device=device) for name in rows}
 
@@ -338,6 +383,8 @@ def _prune_layers(layers: dict[str, nn.Module], run, n_batches: int, method: Pru
     finally:
         for h in handles:
             h.remove()
+    if session is not None:
+        dist_reduce.sum_errors(session, errors)
     for name, row in rows.items():
         row.error = errors[name].item()
         report.layers.append(row)

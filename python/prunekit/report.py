@@ -53,6 +53,9 @@ class PruneReport:
     # SparseGPT(quant=...): each layer's scales and integer zero-points (prunekit.quant.QuantParams);
     # the layer's weight lies exactly on that grid (codes: report.quant[name].codes(weight)).
     quant: dict = field(default_factory=dict)
+    # A distributed run (prunekit.distributed): world size, backend and per-rank figures (batches,
+    # layers pruned, seconds, peak device and host memory); None for a single process.
+    distributed: dict | None = None
 
     @property
     def sparsity(self) -> float:
@@ -84,13 +87,14 @@ class PruneReport:
                            "prune_seconds": self.prune_seconds},
                 "layers": [asdict(layer) for layer in self.layers],
                 "skipped": list(self.skipped), "warnings": list(self.warnings),
-                "quant": {name: {"bits": q.bits, "groupsize": q.groupsize} for name, q in self.quant.items()}}
+                "quant": {name: {"bits": q.bits, "groupsize": q.groupsize} for name, q in self.quant.items()},
+                "distributed": self.distributed}
 
     @classmethod
     def from_dict(cls, d: dict) -> PruneReport:
         layers = [LayerReport(**{**layer, "shape": tuple(layer["shape"])}) for layer in d["layers"]]
         return cls(d["method"], d["pattern"], layers, d.get("blocks"), d.get("seconds", 0.0),
-                   list(d.get("skipped", [])), list(d.get("warnings", [])))
+                   list(d.get("skipped", [])), list(d.get("warnings", [])), distributed=d.get("distributed"))
 
     def to_json(self, path: str | os.PathLike) -> None:
         """Writes the report atomically (a temporary file renamed into place)."""

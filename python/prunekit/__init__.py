@@ -32,7 +32,8 @@ _EXPORTS = {
     "Refined": ("pruning.refine", "Refined"),
     "LeastSquares": ("pruning.least_squares", "LeastSquares"),
     "DSnoT": ("pruning.dsnot", "DSnoT"),
-    "prune": ("pipeline", "prune"),  # not prune.py: a submodule named like the function would shadow it
+    "prune": ("pipeline", "prune"),
+    "DistributedError": ("distributed.errors", "DistributedError"),  # not prune.py: a submodule named like the function would shadow it
     "PruneReport": ("report", "PruneReport"),
     "SparseLinear": ("nn.sparse_linear", "SparseLinear"),
     "UnstructuredSparseLinear": ("nn.unstructured_linear", "UnstructuredSparseLinear"),

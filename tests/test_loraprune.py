@@ -10,7 +10,9 @@ import torch
 import prunekit as pk
 from prunekit import calibrate
 from prunekit.pruning import loraprune as lpm
-from prunekit.pruning import structured as st
+from prunekit.pruning import structured_groups as groups
+from prunekit.pruning import structured_importance as scoring
+from prunekit.pruning import structured_plan as plans
 
 from pipeline_models import MAX_POS, VOCAB, calib_ids, tiny_model
 
@@ -98,7 +100,7 @@ def test_group_scores_equal_direct_computation_and_full_gradient_estimate():
     layer = lp.block_list[0].mlp.down_proj
     imp = lpm.lora_guided_importance(layer)
     kind = lp.kinds[1]
-    torch.testing.assert_close(imp.double().sum(0), direct_scores(lp.block_list[0], st.GroupKind(
+    torch.testing.assert_close(imp.double().sum(0), direct_scores(lp.block_list[0], groups.GroupKind(
         "down", kind.count, (kind.slices[-1],), kind.slices[-1])), rtol=1e-5, atol=1e-9)
 
 
@@ -138,7 +140,7 @@ def test_iterative_reaches_target_masks_equal_shrunk_and_reload(tmp_path, kind, 
         previous = {k: m.clone() for k, m in lp._kept[0].items()}
     if "mlp" in counts[0]:
         width = {"gpt2": 256}.get(kind, 128)
-        assert counts[0]["mlp"] > counts[1]["mlp"] > counts[2]["mlp"] == st.kept_channels(width, mlp, 1)
+        assert counts[0]["mlp"] > counts[1]["mlp"] > counts[2]["mlp"] == plans.kept_channels(width, mlp, 1)
     test_ids = calib_ids(2, 9, seed=3)
     lp.peft_model.eval()
     masked = logits(lp.peft_model, test_ids)
@@ -192,9 +194,9 @@ def test_peak_memory_below_taylor_full_gradients():
     model = model_of("llama", hidden=128, inter=512)
     ids = calib_ids(2, 16)
     blocks = model.model.layers
-    kinds = st.group_kinds(st.detect_family(blocks[0]), model.config, True, True, blocks[0])
-    group_bytes = 4 * sum(b.get_submodule(s.path).weight.numel() for b in blocks for k in kinds for s in k.slices)
-    taylor = peak_bytes(lambda: st._loss_gradients(model, blocks, kinds, data.as_batches(ids, batch_size=2)))
+    kinds = [groups.group_kinds(groups.detect_family(b), model.config, True, True, b) for b in blocks]
+    group_bytes = 4 * sum(b.get_submodule(s.path).weight.numel() for b in blocks for k in kinds[0] for s in k.slices)
+    taylor = peak_bytes(lambda: scoring.loss_gradients(model, blocks, kinds, data.as_batches(ids, batch_size=2)))
     lp = lpm.LoRAPrune(model, heads=0.5, mlp=0.5)
 
     def lora_step():

@@ -43,6 +43,10 @@ from tqdm.auto import tqdm
 from .. import _validate, calibrate, data
 from .._progress import show_progress
 from . import structured as st
+from . import structured_groups as groups
+from . import structured_plan as plans
+from .structured_importance import select_kept
+from .structured_shrink import shrink, update_config
 
 log = logging.getLogger("prunekit")
 
@@ -88,7 +92,7 @@ def _chunk_rows(out_features: int, in_features: int, unit: int, budget: int = 1 
     return max(unit, (budget // max(in_features, 1)) // unit * unit)
 
 
-def lora_group_scores(layers: list[nn.Module], kind: st.GroupKind, adapter: str = ADAPTER) -> torch.Tensor:
+def lora_group_scores(layers: list[nn.Module], kind: groups.GroupKind, adapter: str = ADAPTER) -> torch.Tensor:
     """LoRA-guided importance of each group of one block: the per-weight importance summed over all
     weights the group owns, computed in row chunks (never a whole layer's gradient at once)."""
     total = None
@@ -154,7 +158,7 @@ class LoRAPrune:
                  r: int = 8, lora_alpha: float = 16.0, beta: float = 0.9, round_to: int = 1,
                  blocks: str | None = None):
         peft = require_peft()
-        self.heads, self.mlp = st._ratio(heads, "heads"), st._ratio(mlp, "mlp")
+        self.heads, self.mlp = plans.ratio(heads, "heads"), plans.ratio(mlp, "mlp")
         self.sparsity = _validate.sparsity(sparsity)
         if self.sparsity and (self.heads or self.mlp):
             raise ValueError("LoRAPrune: give either heads/mlp (structured) or sparsity (unstructured), not both")
@@ -175,19 +179,27 @@ class LoRAPrune:
             raise ValueError(f"LoRAPrune: {type(model).__name__} has no list of transformer blocks; name it "
                              f"with blocks=...")
         self.block_path, self.block_list = found
-        self.family = st.detect_family(self.block_list[0])
-        self.config = st._text_config(model)
+        self.family = groups.detect_family(self.block_list[0])
+        self.config = st.text_config(model)
         structured = bool(self.heads or self.mlp)
-        self.kinds = st.group_kinds(self.family, self.config, self.heads > 0, self.mlp > 0, self.block_list[0]) \
-            if structured else st.group_kinds(self.family, self.config, self.family.attention is not None,
-                                              True, self.block_list[0])
+        heads_on = self.heads > 0 if structured else self.family.attention is not None
+        per_block = [groups.group_kinds(self.family, self.config, heads_on, self.mlp > 0 or not structured, block)
+                     for block in self.block_list]
+        if any(kinds != per_block[0] for kinds in per_block):
+            widths = [[k.count for k in kinds] for kinds in per_block]
+            raise ValueError(f"LoRAPrune: the blocks' group counts differ ({widths}); LoRAPrune prunes blocks of "
+                             f"one shape (use prune_structured for per-block widths)")
+        self.kinds = per_block[0]
         self.report = LoRAPruneReport(family=self.family.name, importance="loraprune", blocks=self.block_path)
-        self.keeps = st._plan(self.kinds, self.family, self.config, self.heads, self.mlp, round_to,
-                              self.report) if structured else {}
-        if structured and not self.keeps:
-            raise ValueError(f"LoRAPrune: heads={heads}, mlp={mlp} round to no pruning")
+        self.keeps = {}
+        if structured:
+            n = len(self.block_list)
+            chosen = plans.plan(per_block, self.family, self.config, [self.heads] * n, [self.mlp] * n, round_to)
+            self.report.removed, self.report.notes, self.keeps = chosen.removed, chosen.notes, chosen.keeps
+            if not self.keeps:
+                raise ValueError(f"LoRAPrune: heads={heads}, mlp={mlp} round to no pruning")
         paths = sorted({s.path for kind in self.kinds for s in kind.slices})
-        self.params_before = st._n_params(model)
+        self.params_before = st.n_params(model)
         targets = [f"{self.block_path}.{i}.{p}" for i in range(len(self.block_list)) for p in paths]
         lora = peft.LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=targets,
                                fan_in_fan_out=calibrate.is_conv1d(self.block_list[0].get_submodule(paths[0])),
@@ -252,11 +264,11 @@ class LoRAPrune:
                 for kind in self.kinds:
                     if kind.name not in per_kind:
                         continue
-                    keep = kind.count - round(progress * (kind.count - self.keeps[kind.name]))
+                    keep = kind.count - round(progress * (kind.count - self.keeps[kind.name][index]))
                     scores = self._scores[index][kind.name].clone()
                     scores[~per_kind[kind.name].to(scores.device)] = -math.inf
                     mask = torch.zeros(kind.count, dtype=torch.bool)
-                    mask[st.select_kept(scores, keep).cpu()] = True
+                    mask[select_kept(scores, keep).cpu()] = True
                     per_kind[kind.name] = mask
         else:
             target = progress * self.sparsity
@@ -301,7 +313,7 @@ class LoRAPrune:
         is the pruned, adapter-free model afterwards."""
         self._check_open()
         if self.n_pruned_steps == 0 or (self.keeps and any(
-                int(m.sum()) != self.keeps[k] for per in self._kept for k, m in per.items())):
+                int(m.sum()) != self.keeps[k][i] for i, per in enumerate(self._kept) for k, m in per.items())):
             raise RuntimeError("LoRAPrune.finalize: the target was not reached; call prune(1.0) first")
         for h in self._hooks:
             h.remove()
@@ -321,11 +333,14 @@ class LoRAPrune:
                 for kind in self.kinds:
                     if kind.name in self.keeps:
                         chosen = self._kept[index][kind.name].nonzero().flatten()
-                        st._shrink(block, kind, chosen)
+                        shrink(block, kind, chosen)
                         kept[kind.name] = chosen.tolist()
                 report.kept.append(kept)
-            st._update_config(self.model, self.block_list, self.family, self.config, self.kinds, self.keeps, report)
-        report.params = (report.params[0], st._n_params(self.model))
+            n = len(self.block_list)
+            for name, value in update_config(self.block_list, self.family, self.config, [self.kinds] * n,
+                                             self.keeps).items():
+                setattr(report, name, value)
+        report.params = (report.params[0], st.n_params(self.model))
         report.seconds = time.perf_counter() - self.start
         self._closed = True
         log.info("%s", report)

@@ -1,8 +1,9 @@
 """Quality of structured pruning on all-MiniLM-L6-v2 before and after LoRA recovery (CPU, a few minutes).
 
-    python bench/lora_recovery.py [--steps 150] [--threads 2]
+    python bench/lora_recovery.py [--steps 150] [--threads 2] [--only 0 1 5]
 
-Each row prunes a fresh copy of the dense encoder, measures the held-out embedding fidelity (mean
+Each row prunes a fresh copy of the dense encoder (LoRAPrune trains its own adapters while it prunes,
+on the same training sentences), measures the held-out embedding fidelity (mean
 cosine to the dense embedding, nearest-neighbour agreement; prunekit.eval.compare_embeddings on the
 demo's held-out half of assets/english.txt), then runs prunekit.recover_lora (rank 8 on every linear
 layer, embedding distillation against the dense model on the calibration half, merged) and measures
@@ -20,7 +21,13 @@ import prunekit as pk
 from prunekit import data, demo, eval as pk_eval
 
 
-def configs():
+def configs(dense, train, args):
+    """(name, prune(model, calib)) rows; every row prunes a fresh copy of the dense encoder."""
+    def loraprune(m, c):
+        # LoRAPrune trains its adapters (embedding distillation against the dense model) while it prunes
+        pk.loraprune(m, train, mlp=0.5, steps=args.lp_steps, iterations=3, lr=args.lr, r=8, teacher=dense,
+                     progress=False)
+
     return [
         ("structured l2, MLP 50%", lambda m, c: pk.prune_structured(m, mlp=0.5, importance="l2")),
         ("structured activation, MLP 50%",
@@ -29,6 +36,7 @@ def configs():
          lambda m, c: pk.prune_structured(m, mlp=0.75, importance="activation", calibration=c)),
         ("depth angular, 2 of 6 blocks", lambda m, c: pk.prune_depth(m, c, n_blocks=2, importance="angular")),
         ("unstructured Wanda 50% (reference)", lambda m, c: pk.prune(m, pk.Wanda(0.5), c, progress=False)),
+        (f"LoRAPrune MLP 50% ({args.lp_steps} steps)", loraprune),
     ]
 
 
@@ -39,6 +47,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--only", type=int, nargs="*", default=None, help="run these configs (indices)")
     parser.add_argument("--batch", type=int, default=16, help="training sentences per step")
+    parser.add_argument("--lp-steps", type=int, default=30, help="LoRAPrune's own training steps while it prunes")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -51,7 +60,7 @@ def main() -> None:
     reference = pk_eval.embed(dense, held_out)
     n_dense = sum(p.numel() for p in dense.parameters())
     rows = []
-    for index, (name, prune) in enumerate(configs()):
+    for index, (name, prune) in enumerate(configs(dense, train, args)):
         if args.only is not None and index not in args.only:
             continue
         model = copy.deepcopy(dense)

@@ -1,5 +1,6 @@
 """prunekit.prune_depth: block importance against direct computations, removal equals skipping the
-blocks in the dense model, config fields cut, reload and generate (Llama, Qwen2 with layer_types, OPT, GPT-2)."""
+blocks in the dense model, config fields cut, bit-exact reload and generate (Llama, Mistral, Qwen2 with
+layer_types, OPT, GPT-2; BERT without generation)."""
 from __future__ import annotations
 
 import copy
@@ -17,9 +18,13 @@ tf = pytest.importorskip("transformers")
 
 def model_of(kind: str, seed: int = 0, layers: int = 4):
     torch.manual_seed(seed)
-    if kind in ("llama", "qwen2"):
-        cls, conf = (tf.LlamaForCausalLM, tf.LlamaConfig) if kind == "llama" else (tf.Qwen2ForCausalLM, tf.Qwen2Config)
-        extra = {} if kind == "llama" else dict(layer_types=["full_attention", "sliding_attention"] * (layers // 2),
+    if kind == "bert":
+        return tf.BertModel(tf.BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                          num_attention_heads=4, max_position_embeddings=MAX_POS)).eval()
+    if kind in ("llama", "qwen2", "mistral"):
+        cls, conf = {"llama": (tf.LlamaForCausalLM, tf.LlamaConfig), "qwen2": (tf.Qwen2ForCausalLM, tf.Qwen2Config),
+                     "mistral": (tf.MistralForCausalLM, tf.MistralConfig)}[kind]
+        extra = {} if kind != "qwen2" else dict(layer_types=["full_attention", "sliding_attention"] * (layers // 2),
                                                   use_sliding_window=True, sliding_window=8, max_window_layers=0)
         config = conf(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POS,
@@ -34,8 +39,15 @@ def model_of(kind: str, seed: int = 0, layers: int = 4):
 
 
 def blocks_of(model):
+    if hasattr(model, "encoder"):
+        return model.encoder.layer
     return model.transformer.h if hasattr(model, "transformer") else (
         model.model.decoder.layers if hasattr(model.model, "decoder") else model.model.layers)
+
+
+def out(model, ids):
+    result = model(input_ids=ids)
+    return result.logits if hasattr(result, "logits") else result.last_hidden_state
 
 
 def skipping(dense, removed):
@@ -76,7 +88,7 @@ def test_loss_scores_match_skipping():
     assert report.removed == sorted(sorted(range(4), key=lambda i: (report.scores[i], -i))[:2])
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "opt", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "opt", "gpt2", "bert"])
 def test_removed_blocks_equal_skipping_reload_and_generate(tmp_path, kind):
     dense = model_of(kind)
     model = copy.deepcopy(dense)
@@ -89,13 +101,17 @@ def test_removed_blocks_equal_skipping_reload_and_generate(tmp_path, kind):
     ids = calib_ids(2, 12, seed=5)
     handles = skipping(dense, report.removed)
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids).logits, dense(input_ids=ids).logits)
+        torch.testing.assert_close(out(model, ids), out(dense, ids))
     for h in handles:
         h.remove()
     model.save_pretrained(tmp_path)
-    reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    reloaded = (tf.AutoModel if kind == "bert" else tf.AutoModelForCausalLM).from_pretrained(tmp_path).eval()
+    want, got = model.state_dict(), reloaded.state_dict()
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
     with torch.no_grad():
-        assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+        assert torch.equal(out(reloaded, ids), out(model, ids))
+    if kind == "bert":
+        return
     gen = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert gen.shape == (2, 16)
     assert torch.equal(reloaded.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0), gen)

@@ -12,19 +12,30 @@ import prunekit as pk
 from prunekit import calibrate
 from prunekit.train import lora as lora_mod
 
-from pipeline_models import calib_ids, expected_layers, tiny_model
+from pipeline_models import MAX_POS, VOCAB, calib_ids, expected_layers, tiny_model
 
 tf = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 
 def zeros_of(model, kind):
-    return {n: calibrate.layer_weight(model.get_submodule(n)) == 0 for n in expected_layers(kind)}
+    names = expected_layers(kind) if kind in ("llama", "gpt2", "opt", "bert") else list(calibrate.select_layers(
+        model, block_path="model.layers"))
+    return {n: calibrate.layer_weight(model.get_submodule(n)) == 0 for n in names}
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "opt"])
+def model_of(kind: str, seed: int):
+    if kind not in ("mistral", "qwen2"):
+        return tiny_model(kind, seed)
+    torch.manual_seed(seed)
+    cls, conf = (tf.MistralForCausalLM, tf.MistralConfig) if kind == "mistral" else (tf.Qwen2ForCausalLM, tf.Qwen2Config)
+    return cls(conf(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=MAX_POS, tie_word_embeddings=False)).eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "gpt2", "opt"])
 def test_loss_goes_down_and_masks_stay_exact(kind):
-    dense = tiny_model(kind, seed=1)
+    dense = model_of(kind, seed=1)
     model = copy.deepcopy(dense)
     pk.prune(model, pk.Magnitude(0.5), calib_ids(2, 8), progress=False)
     before = zeros_of(model, kind)

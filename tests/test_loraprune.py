@@ -296,3 +296,41 @@ def test_driver_gives_back_each_submodules_training_flag():
     assert model.training and all(m.training for m in blocks[0].modules())
     assert not any(m.training for m in blocks[1].modules())
     assert teacher.training and not teacher.model.layers[0].training and teacher.model.layers[1].training
+
+
+def test_bert_encoder_prunes_mlp_by_embedding_distillation_and_reloads(tmp_path):
+    """BERT has no LM head: the adapters train on 1 − cos to the teacher's mean-pooled embedding; the masked
+    encoder equals the shrunk one, which reloads bit for bit. Heads are refused (see structured_groups)."""
+    from prunekit.train import lora as lora_mod
+
+    dense = tiny_model("bert", seed=8)
+    model = copy.deepcopy(dense)
+    lp = lpm.LoRAPrune(model, mlp=0.5, r=4)
+    opt = torch.optim.AdamW(lp.parameters(), lr=1e-2)
+    batch = {"input_ids": calib_ids(2, 10, seed=2)}
+    kept = []
+    for progress in (0.5, 1.0):
+        lp.peft_model.zero_grad(set_to_none=True)
+        lora_mod.embedding_loss(lp.peft_model, dense, batch).backward()
+        lp.accumulate()
+        opt.step()
+        lp.prune(progress)
+        kept.append([int(per["mlp"].sum()) for per in lp._kept])
+    assert kept == [[96, 96], [64, 64]]
+    ids = calib_ids(2, 9, seed=3)
+    with torch.no_grad():
+        masked = lp.peft_model(input_ids=ids).last_hidden_state
+    report = lp.finalize()
+    assert report.mlp == (128, 64) and model.encoder.layer[0].intermediate.dense.weight.shape == (64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).last_hidden_state, masked, rtol=1e-4, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    reloaded = tf.AutoModel.from_pretrained(tmp_path).eval()
+    assert all(torch.equal(v, reloaded.state_dict()[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="no LM head.*needs a teacher"):
+        pk.loraprune(copy.deepcopy(dense), calib_ids(2, 8), mlp=0.5, steps=3, iterations=1, progress=False)
+    with pytest.raises(ValueError, match="BERT: .*pruned_heads"):
+        lpm.LoRAPrune(copy.deepcopy(dense), heads=0.5)
+    report = pk.loraprune(copy.deepcopy(dense), calib_ids(2, 8), mlp=0.25, steps=3, iterations=1, teacher=dense,
+                          progress=False)
+    assert report.mlp == (128, 96) and len(report.losses) == 3

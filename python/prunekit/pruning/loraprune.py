@@ -16,8 +16,8 @@ query heads and o_proj columns, MLP channels with their down_proj column). Score
 across steps by an exponential moving average Ī ← β·Ī + (1 − β)·I (β = 0.9 as in the reference
 code; Ī starts at the first step's I).
 
-Pruning is iterative: the adapters train on the LM loss (or a distillation loss against a teacher),
-and at `iterations` evenly spaced steps the least important still-kept groups are masked (their
+Pruning is iterative: the adapters train on the LM loss (or a distillation loss against a teacher;
+encoders: the teacher's mean-pooled embedding), and at `iterations` evenly spaced steps the least important still-kept groups are masked (their
 q/k/v or up/gate outputs are zeroed by forward hooks, which removes the W and B·A parts together),
 the pruned count rising on a cubic schedule (Zhu & Gupta) to the target. At the end the adapters are
 merged into W (peft merge_and_unload) and the masked groups are removed physically with
@@ -41,7 +41,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import _validate, calibrate, data
+from .._peft import ADAPTER, require_peft
 from .._progress import show_progress
+from ..train.lora import has_logits, recovery_loss
 from . import structured as st
 from . import structured_groups as groups
 from . import structured_plan as plans
@@ -49,17 +51,6 @@ from .structured_importance import select_kept
 from .structured_shrink import shrink, update_config
 
 log = logging.getLogger("prunekit")
-
-ADAPTER = "default"
-
-
-def require_peft():
-    try:
-        import peft
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("LoRA features need peft: pip install 'prunekit[lora]'") from e
-    return peft
-
 
 # --------------------------------------------------------------------------------- criterion
 def _adapter(layer: nn.Module, adapter: str = ADAPTER):
@@ -395,16 +386,20 @@ def loraprune(model: nn.Module, batches, *, heads: float = 0.0, mlp: float = 0.0
     iterations: pruning rounds, at steps k·⌊steps/(iterations+1)⌋ for k = 1..iterations (so training
         continues after the last one); round k prunes 1 − (1 − k/iterations)³ of the target.
     teacher: when given (e.g. a copy of the dense model), the loss is distillation_loss with
-        `temperature` and `alpha` as in prunekit.recover; otherwise next-token cross-entropy.
+        `temperature` and `alpha` as in prunekit.recover; otherwise next-token cross-entropy. Encoders
+        without an LM head (BERT, MiniLM) need it: their loss is 1 − cos between the mean-pooled
+        embeddings, as in recover_lora.
     """
-    from ..train.distill import lm_loss
-
     if not (isinstance(steps, int) and isinstance(iterations, int) and iterations >= 1 and steps > iterations):
         raise ValueError(f"steps/iterations: expected integers with 1 <= iterations < steps, got "
                          f"steps={steps!r}, iterations={iterations!r}")
     items = data.as_batches(batches, batch_size=batch_size, max_len=data.max_positions(model),
                             vocab=data.vocab_size(model))
-    if any("input_ids" not in b for b in items):
+    causal = has_logits(model)
+    if not causal and teacher is None:
+        raise ValueError(f"loraprune: {type(model).__name__} has no LM head, so its loss is embedding "
+                         "distillation (as in recover_lora) and needs a teacher (e.g. a copy of the dense model)")
+    if causal and any("input_ids" not in b for b in items):
         raise ValueError("loraprune: every batch needs input_ids (the next-token positions define the loss)")
     lp = LoRAPrune(model, heads=heads, mlp=mlp, sparsity=sparsity, r=r, lora_alpha=lora_alpha, beta=beta,
                    round_to=round_to, blocks=blocks)
@@ -420,8 +415,8 @@ def loraprune(model: nn.Module, batches, *, heads: float = 0.0, mlp: float = 0.0
     try:
         for step in tqdm(range(1, steps + 1), desc="prunekit loraprune", unit="step",
                          disable=not show_progress(progress)):
-            loss = lm_loss(lp.peft_model, items[(step - 1) % len(items)], teacher, temperature=temperature,
-                           alpha=alpha)
+            loss = recovery_loss(lp.peft_model, items[(step - 1) % len(items)], teacher, temperature=temperature,
+                                 alpha=alpha)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             lp.accumulate()

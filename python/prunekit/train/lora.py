@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 
 from .. import calibrate, data
 from .._progress import show_progress
-from ..pruning.loraprune import ADAPTER, require_peft
-from .distill import lm_loss
+from .._peft import ADAPTER, require_peft
+from . import distill
 
 log = logging.getLogger("prunekit")
 
@@ -68,8 +68,20 @@ def embedding_loss(student: nn.Module, teacher: nn.Module, batch: dict) -> torch
     return 1 - F.cosine_similarity(pooled.float(), target.float(), dim=-1).mean()
 
 
-def _has_logits(model: nn.Module) -> bool:
+def has_logits(model: nn.Module) -> bool:
+    """Whether the model has an LM head (so its recovery loss is next-token / logit distillation)."""
     return hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
+
+
+def recovery_loss(model: nn.Module, batch: dict, teacher: nn.Module | None, *, temperature: float = 2.0,
+                  alpha: float = 1.0) -> torch.Tensor:
+    """prunekit.recover's loss for a model with an LM head (distillation against the teacher's logits,
+    or next-token cross-entropy without a teacher); for an encoder, `embedding_loss` against the teacher."""
+    if has_logits(model):
+        return distill.lm_loss(model, batch, teacher, temperature=temperature, alpha=alpha)
+    if teacher is None:
+        raise ValueError(f"{type(model).__name__} has no LM head: its loss is embedding distillation, which needs a teacher")
+    return embedding_loss(model, teacher, batch)
 
 
 def lora_layers(model: nn.Module, adapter: str = ADAPTER) -> dict[str, nn.Module]:
@@ -131,7 +143,7 @@ def recover_lora(student: nn.Module, teacher: nn.Module | None, batches, steps: 
         raise TypeError(f"student: expected a torch.nn.Module, got {type(student).__name__}")
     if isinstance(student, peft.PeftModel):
         raise ValueError("recover_lora: the student already has peft adapters; give the plain model")
-    causal = _has_logits(student)
+    causal = has_logits(student)
     if not causal and teacher is None:
         raise ValueError(f"recover_lora: {type(student).__name__} has no LM head, so its loss is embedding "
                          "distillation and needs a teacher")
@@ -163,10 +175,7 @@ def recover_lora(student: nn.Module, teacher: nn.Module | None, batches, steps: 
         for step in tqdm(range(steps), desc="prunekit recover_lora", unit="step",
                          disable=not show_progress(progress)):
             batch = items[step % len(items)]
-            if causal:
-                loss = lm_loss(peft_model, batch, teacher, temperature=temperature, alpha=alpha)
-            else:
-                loss = embedding_loss(peft_model, teacher, batch)
+            loss = recovery_loss(peft_model, batch, teacher, temperature=temperature, alpha=alpha)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if max_grad_norm is not None:

@@ -141,3 +141,122 @@ def test_meta_tensors_the_file_does_not_hold_are_refused(tmp_path):
     partly.norm.to_empty(device="meta")
     with pytest.raises(ValueError, match="meta device"):
         pio.load(partly, tmp_path)
+
+
+# ------------------------------------------------------------------ load(directory) alone
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_hf(kind: str):
+    torch.manual_seed(0)
+    common = dict(vocab_size=96, num_hidden_layers=2)
+    if kind == "llama":
+        config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                          num_key_value_heads=2, max_position_embeddings=64,
+                                          tie_word_embeddings=True, **common)
+        return transformers.LlamaForCausalLM(config)
+    if kind == "gpt2":  # Conv1D layers, [in, out] weights
+        config = transformers.GPT2Config(n_embd=64, n_head=4, n_positions=64, vocab_size=96, n_layer=2)
+        return transformers.GPT2LMHeadModel(config)
+    if kind == "opt":
+        config = transformers.OPTConfig(hidden_size=64, ffn_dim=128, num_attention_heads=4, word_embed_proj_dim=64,
+                                        max_position_embeddings=64, **common)
+        return transformers.OPTForCausalLM(config)
+    config = transformers.BertConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                     max_position_embeddings=64, **common)
+    return transformers.BertModel(config)
+
+
+def outputs(model, ids):
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "opt", "bert"])
+def test_load_directory_alone_restores_outputs_bit_exactly(tmp_path, kind):
+    import prunekit as pk
+
+    model = tiny_hf(kind).eval()
+    pk.prune(model, pk.Magnitude("2:4"), None, progress=False)
+    report = pk.sparsify(model)
+    assert report.swapped
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    expected = outputs(model, ids)
+    pk.save(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]  # no config.json: see io.py
+
+    loaded = pk.load(tmp_path)
+    assert type(loaded) is type(model) and not loaded.training
+    assert sorted(n for n, m in loaded.named_modules() if isinstance(m, SparseLinear)) == sorted(report.swapped)
+    torch.testing.assert_close(outputs(loaded, ids), expected, rtol=0, atol=0)
+
+
+def test_load_directory_keeps_the_file_dtype_and_tied_weights(tmp_path):
+    import prunekit as pk
+
+    model = tiny_hf("llama").to(torch.bfloat16).eval()
+    pk.prune(model, pk.Magnitude("2:4"), None, progress=False)
+    pk.sparsify(model)
+    pk.save(model, tmp_path)
+    loaded = pk.load(tmp_path)
+    assert loaded.model.layers[0].mlp.up_proj.values.dtype == torch.bfloat16
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    ids = torch.tensor([[1, 5, 9, 3]])
+    torch.testing.assert_close(outputs(loaded, ids), outputs(model, ids), rtol=0, atol=0)
+
+
+def test_load_directory_of_a_plain_module_or_nothing(tmp_path):
+    pio.save(pruned_sparse_model(), tmp_path / "plain")
+    with pytest.raises(ValueError, match=r"not a transformers model.*prunekit.load\(model"):
+        pio.load(tmp_path / "plain")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither a prunekit file"):
+        pio.load(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        pio.load(tmp_path / "missing")
+    with pytest.raises(TypeError, match=r"load\(directory\) or load\(model, directory\)"):
+        pio.load(Tiny())
+
+
+def test_load_directory_of_a_dense_checkpoint_with_or_without_the_packed_copy(tmp_path):
+    import copy
+
+    import prunekit as pk
+
+    model = tiny_hf("llama").eval()
+    pk.prune(model, pk.Magnitude("2:4"), None, progress=False)
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    model.save_pretrained(tmp_path)  # what `prunekit prune --format hf` writes: dense, with the zeros
+    reference = copy.deepcopy(model)
+    pk.sparsify(reference)
+    dense_loaded = pk.load(tmp_path)  # from_pretrained, then sparsify
+    assert isinstance(dense_loaded.model.layers[1].self_attn.q_proj, SparseLinear)
+    torch.testing.assert_close(outputs(dense_loaded, ids), outputs(reference, ids), rtol=0, atol=0)
+
+    packed = copy.deepcopy(model)
+    pk.sparsify(packed)
+    with torch.no_grad():
+        packed.model.layers[0].mlp.up_proj.values.mul_(2)  # tell the two copies apart
+    pk.save(packed, tmp_path / "sparse24")  # `--format prunekit` adds this copy for 2:4
+    loaded = pk.load(tmp_path)
+    assert torch.equal(loaded.model.layers[0].mlp.up_proj.weight, packed.model.layers[0].mlp.up_proj.weight)
+    torch.testing.assert_close(outputs(loaded, ids), outputs(packed, ids), rtol=0, atol=0)
+
+
+def test_save_with_the_report_writes_it_and_a_model_card(tmp_path):
+    import prunekit as pk
+
+    model = tiny_hf("llama").eval()
+    report = pk.prune(model, pk.Magnitude("2:4"), None, progress=False)
+    pk.sparsify(model)
+    pk.save(model, tmp_path, report=report)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "model.safetensors", "report.json"]
+    assert pk.PruneReport.from_json(tmp_path / "report.json").pattern == "2:4"
+    card = (tmp_path / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n") and "- sparsity-2:4" in card
+    assert f"| prunekit | {pk.__version__} |" in card and "| Pattern | 2:4 |" in card
+    assert "14 layers, 50.00% of their weights are zero" in card
+    assert "| Calibration | none (weights only) |" in card and "| Measured quality | not measured" in card
+    assert "| Whole model | 45.97% of all weights are zero" in card  # the 2:4 layers' zeros over all weights (embeddings included)
+    assert "pk.load(" in card and "from_pretrained" not in card  # a packed file: prunekit loads it

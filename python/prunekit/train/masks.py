@@ -162,27 +162,19 @@ class Masks(dict):
     def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> Masks:
         """Reads masks written by `save` (on the CPU). With `model`, every mask is checked against it:
         the layer exists, is linear, and has the mask's shape."""
-        from safetensors import safe_open
+        from .._safetensors import read_with_header
 
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such mask file (Masks.save writes one)")
-        try:
-            with safe_open(str(path), framework="numpy") as f:
-                meta = f.metadata() or {}
-                packed = {name: f.get_tensor(name) for name in f.keys()}
-        except Exception as exc:  # safetensors raises its own error types for a bad header or short file
-            raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {exc}") from None
-        if META_KEY not in meta:
-            raise ValueError(f"{path}: no {META_KEY!r} header; this is not a mask file written by Masks.save")
-        try:
-            header = json.loads(meta[META_KEY])
-            layers = header["layers"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path}: the mask header is not valid ({exc!r})") from None
+        header, packed = read_with_header(path, META_KEY, framework="numpy",
+                                          missing="no such mask file (Masks.save writes one)",
+                                          foreign=f"no {META_KEY!r} header; this is not a mask file written by "
+                                                  f"Masks.save")
         if header.get("format") != FORMAT or header.get("version") != VERSION:
             raise ValueError(f"{path}: format {header.get('format')!r} version {header.get('version')!r}; "
                              f"this prunekit reads {FORMAT!r} version {VERSION}")
+        layers = header.get("layers")
+        if not isinstance(layers, dict):
+            raise ValueError(f"{path}: the mask header is not valid (no 'layers' object)")
         if set(layers) != set(packed):
             missing, extra = sorted(set(layers) - set(packed)), sorted(set(packed) - set(layers))
             raise ValueError(f"{path}: tensors do not match the header (missing {missing}, unexpected {extra})")

@@ -126,10 +126,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="after pruning, distill from the dense model for this many steps on the "
                         "calibration windows (holds a dense copy in memory)")
     p.add_argument("--recover-lr", type=float, default=2e-5, help="learning rate of --recover-steps")
-    p.add_argument("--format", choices=["hf", "sparse24"], default="hf",
-                   help="hf: save_pretrained layout (dense tensors, loads with from_pretrained; default); "
-                        "sparse24: also write prunekit's compressed 2:4 file (needs a 2:4 pattern; "
-                        "load with prunekit.load)")
+    p.add_argument("--format", choices=["prunekit", "hf", "sparse24", "compressed-tensors"], default="prunekit",
+                   help="prunekit (default): save_pretrained layout (dense weights with the zeros: loads with "
+                        "from_pretrained) and, for a 2:4 pattern, prunekit's packed copy in OUT/sparse24/ "
+                        "(prunekit.load(OUT)); hf: the dense layout only; sparse24: as prunekit, refusing a "
+                        "pattern that is not 2:4; compressed-tensors: that format (transformers, vLLM), "
+                        "--quant-bits layers as packed integer codes (pip install 'prunekit[compressed-tensors]')")
     p.add_argument("--device", default=None, help="where to compute (cpu, cuda, cuda:1, ...); default: cpu")
     p.add_argument("--offload", action="store_true", help="keep the model on CPU, one block on --device")
     p.add_argument("--seed", type=int, default=0)
@@ -376,8 +378,7 @@ def _prune(args) -> int:
         raise CLIError("--plot needs matplotlib: pip install 'prunekit[plot]'")
     method = _method(args)
     allocation = _allocation(args, method)
-    if args.format == "sparse24" and not (method.pattern.is_nm and (method.pattern.n, method.pattern.m) == (2, 4)):
-        raise CLIError(f"--format sparse24 stores 2:4 weights; --sparsity {args.sparsity} is not 2:4")
+    _check_format(args, method)
 
     from . import data
     from .pipeline import prune
@@ -404,8 +405,9 @@ def _prune(args) -> int:
                 include=args.include, exclude=args.exclude, progress=_progress())
         model.to("cpu")
         del teacher
+    described = _calibration_text(args, calibration)
     launch.on_rank0(lambda: _write_atomically(
-        out, lambda folder: _save(folder, model, tokenizer, report, args.plot, args.format)))
+        out, lambda folder: _save(folder, model, tokenizer, report, args.plot, args.format, described)))
     if launch.rank() == 0:
         print(report)
         print(f"wrote {out}")
@@ -418,13 +420,45 @@ def _prune_command(args) -> int:
         return _prune(args)
 
 
-def _save(folder: str, model, tokenizer, report, plot: bool, fmt: str = "hf") -> None:
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    report.to_json(os.path.join(folder, "report.json"))
+def _check_format(args, method) -> None:
+    """--format against the other arguments, before a model is loaded."""
+    if args.format == "sparse24" and not (method.pattern.is_nm and (method.pattern.n, method.pattern.m) == (2, 4)):
+        raise CLIError(f"--format sparse24 stores 2:4 weights; --sparsity {args.sparsity} is not 2:4")
+    if args.format == "compressed-tensors":
+        if importlib.util.find_spec("compressed_tensors") is None:
+            raise CLIError("--format compressed-tensors needs the compressed-tensors package: "
+                           "pip install 'prunekit[compressed-tensors]'")
+        if args.quant_bits is not None and args.recover_steps is not None:
+            raise CLIError("--format compressed-tensors stores --quant-bits weights as integer codes, and "
+                           "--recover-steps trains them off that grid; drop one of the two")
+
+
+def _calibration_text(args, calibration) -> str | None:
+    """The calibration, as the model card states it."""
+    if calibration is None:
+        return None
+    shape = getattr(calibration, "shape", None)
+    size = f"{shape[0]} windows x {shape[1]} tokens" if shape is not None and len(shape) == 2 else "windows"
+    return f"{size} of {os.path.basename(args.calib)} (seed {args.seed})"
+
+
+def _save(folder: str, model, tokenizer, report, plot: bool, fmt: str = "prunekit",
+          calibration: str | None = None) -> None:
+    from .export.model_card import write_model_card
+
+    if fmt == "compressed-tensors":
+        from .export.compressed_tensors import export_compressed_tensors
+
+        export_compressed_tensors(model, folder, report, tokenizer=tokenizer, calibration=calibration)
+    else:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        report.to_json(os.path.join(folder, "report.json"))
+        write_model_card(folder, report, model=model, fmt="hf" if fmt == "hf" else "prunekit",
+                         calibration=calibration)
     if plot:
         report.plot(os.path.join(folder, "report.png"))
-    if fmt == "sparse24":
+    if fmt == "sparse24" or (fmt == "prunekit" and report.pattern == "2:4"):
         import copy
 
         from . import io
@@ -432,7 +466,7 @@ def _save(folder: str, model, tokenizer, report, plot: bool, fmt: str = "hf") ->
 
         packed = copy.deepcopy(model)
         sparsify(packed)
-        io.save(packed, os.path.join(folder, "sparse24"))
+        io.save(packed, os.path.join(folder, io.PACKED_DIR))
 
 
 def _write_atomically(out: str, write) -> None:

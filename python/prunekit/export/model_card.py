@@ -130,6 +130,13 @@ def card_text(report=None, *, model: nn.Module | None = None, fmt: str = "prunek
         body += ["", "Warnings of the run:", ""] + [f"- {w}" for w in report.warnings]
     if fmt in _LOAD:
         body += ["", "## Load", "", _LOAD[fmt].format(dir=directory)]
+        asymmetric = [q for q in (getattr(report, "quant", None) or {}).values()
+                      if not bool((q.zero == 2 ** (q.bits - 1)).all())]
+        if fmt == "compressed-tensors" and asymmetric:
+            body += ["", "The weights are quantized asymmetrically (with zero-points). transformers 5.x's default "
+                         "compressed-tensors route fails on asymmetric pack-quantized weights (a zero-point shape "
+                         "mismatch); pass `quantization_config=CompressedTensorsConfig(dequantize=True)` to "
+                         "`from_pretrained`, which loads them exactly."]
     if report is not None:
         body += ["", "`report.json` beside the weights lists every pruned layer (shape, sparsity, error, time)."]
     return "\n".join(front + body) + "\n"

@@ -64,8 +64,11 @@ _EXPORTS = {
     "reinitialize": ("train.rewinding", "reinitialize"),
     "iterative_magnitude": ("train.imp", "iterative_magnitude"),
     "recover_lora": ("train.lora", "recover_lora"),
+    "export_compressed_tensors": ("export.compressed_tensors", "export_compressed_tensors"),
+    "quantize_layers_rtn": ("quant.rtn", "quantize_layers_rtn"),
 }
-_SUBMODULES = {"data", "eval", "ops", "ref", "nn", "pruning", "io", "cli", "patterns", "calibrate", "train", "search"}
+_SUBMODULES = {"data", "eval", "ops", "ref", "nn", "pruning", "io", "cli", "patterns", "calibrate", "train", "search",
+               "torch_prune", "export", "quant"}
 
 
 def __getattr__(name: str):

@@ -155,3 +155,17 @@ def test_refusals(tmp_path):
         export_compressed_tensors(gpt2, tmp_path / "b", quant=params)
     with pytest.raises(TypeError, match="expected a transformers model"):
         export_compressed_tensors(torch.nn.Linear(4, 4), tmp_path / "c")
+
+
+def test_pk_load_reads_an_exported_folder_as_sparse_linear(tmp_path):
+    import warnings
+
+    model = tiny_llama()
+    report = pk.prune(model, pk.SparseGPT("2:4", quant=pk.QuantSpec(4, 32)), calib(), progress=False)
+    export_compressed_tensors(model, tmp_path, report)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers: the folder's quantization_config is used, dequantize from ours
+        loaded = pk.load(tmp_path)
+    layer = loaded.model.layers[0].mlp.up_proj
+    assert isinstance(layer, pk.SparseLinear)
+    assert torch.equal(layer.weight, model.model.layers[0].mlp.up_proj.weight)

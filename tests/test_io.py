@@ -242,6 +242,8 @@ def test_load_directory_of_a_dense_checkpoint_with_or_without_the_packed_copy(tm
     loaded = pk.load(tmp_path)
     assert torch.equal(loaded.model.layers[0].mlp.up_proj.weight, packed.model.layers[0].mlp.up_proj.weight)
     torch.testing.assert_close(outputs(loaded, ids), outputs(packed, ids), rtol=0, atol=0)
+    into = pk.load(tiny_hf("llama").eval(), tmp_path)  # the two-argument form finds sparse24/ too
+    assert torch.equal(into.model.layers[0].mlp.up_proj.weight, packed.model.layers[0].mlp.up_proj.weight)
 
 
 def test_save_with_the_report_writes_it_and_a_model_card(tmp_path):

@@ -205,7 +205,7 @@ def load(model, directory: str | os.PathLike | None = None) -> nn.Module:
                         f"{type(model).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"load: expected a torch.nn.Module as the model, got {type(model).__name__}")
-    path = Path(directory) / FILENAME
+    path = packed_file(directory) or Path(directory) / FILENAME  # a `prunekit prune` folder: its sparse24/
     header, tensors = _read(path)
     _verify(path, header, tensors)
     state = dict(tensors)
@@ -244,8 +244,9 @@ def load_directory(directory: str | os.PathLike) -> nn.Module:
     - a prunekit file (`save`, or the `sparse24/` copy `prunekit prune` writes beside a dense
       checkpoint): the transformers class and config recorded in it (else the folder's config.json)
       build the model without initializing weights, then `load(model, ...)` restores it exactly;
-    - a dense Hugging Face checkpoint (config.json + weights with zeros): `from_pretrained`, then
-      `prunekit.sparsify` swaps every exactly-2:4 layer."""
+    - a dense Hugging Face checkpoint (config.json + weights with zeros; a compressed-tensors one is
+      dequantized while loading): `from_pretrained`, then `prunekit.sparsify` swaps every exactly-2:4
+      layer."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such directory" if not directory.exists()
@@ -331,8 +332,13 @@ def _from_pretrained_sparsified(directory: Path) -> nn.Module:
     if cls is None:
         cls = transformers.AutoModel
     major, minor = (int("".join(c for c in part if c.isdigit()) or 0) for part in transformers.__version__.split(".")[:2])
-    key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-    model = cls.from_pretrained(directory, **{key: "auto"}).eval()
+    kwargs = {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": "auto"}
+    quantization = getattr(config, "quantization_config", None)
+    quant_method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    if quant_method == "compressed-tensors" and quantization.get("config_groups"):
+        # the weights must be dense for sparsify; dequantizing at load gives them exactly
+        kwargs["quantization_config"] = transformers.CompressedTensorsConfig(dequantize=True)
+    model = cls.from_pretrained(directory, **kwargs).eval()
     report = sparsify(model)
     log.info("loaded the dense checkpoint %s; %s", directory, report)
     return model

@@ -459,14 +459,11 @@ def _save(folder: str, model, tokenizer, report, plot: bool, fmt: str = "pruneki
     if plot:
         report.plot(os.path.join(folder, "report.png"))
     if fmt == "sparse24" or (fmt == "prunekit" and report.pattern == "2:4"):
-        import copy
-
         from . import io
         from .nn.swap import sparsify
 
-        packed = copy.deepcopy(model)
-        sparsify(packed)
-        io.save(packed, os.path.join(folder, io.PACKED_DIR))
+        sparsify(model)  # in place, no second copy in memory: the dense layout is written and the command ends
+        io.save(model, os.path.join(folder, io.PACKED_DIR))
 
 
 def _write_atomically(out: str, write) -> None:

@@ -30,7 +30,8 @@ from pipeline_models import calib_ids, tiny_model
 
 pytest.importorskip("transformers")
 
-CONFIGS = [("wanda", "0.5"), ("wanda", "2:4"), ("sparsegpt", "0.5"), ("sparsegpt", "2:4"), ("sparsegpt", "owl")]
+CONFIGS = [("wanda", "0.5"), ("wanda", "2:4"), ("sparsegpt", "0.5"), ("sparsegpt", "2:4"), ("sparsegpt", "owl"),
+           ("sparsegpt", "quant")]
 METHODS = {"wanda": pk.Wanda, "sparsegpt": pk.SparseGPT}
 WORLD = 2
 # 7 samples in batches of 2: 4 batches, rank 0 gets 2+2 samples, rank 1 gets 2+1 (uneven counts)
@@ -57,7 +58,9 @@ def _run(name: str, pattern: str, **kwargs):
     model = tiny_model("llama")
     if pattern == "owl":  # OWL's outlier statistics are summed across ranks too; refinement runs on the owner
         pattern, kwargs = "0.5", {**kwargs, "allocation": pk.OWL(lam=0.2), "refine": [pk.LeastSquares()]}
-    report = pk.prune(model, METHODS[name](pattern), calib_ids(**CALIB), batch_size=2, progress=False, **kwargs)
+    method = pk.SparseGPT("2:4", quant=pk.QuantSpec(bits=4, groupsize=32)) if pattern == "quant" else \
+        METHODS[name](pattern)
+    report = pk.prune(model, method, calib_ids(**CALIB), batch_size=2, progress=False, **kwargs)
     return _targets(model), report
 
 
@@ -178,6 +181,7 @@ def test_two_ranks_match_one_process(ranks, name, pattern):
             assert torch.equal(weights[layer] != 0, w != 0), f"rank {rank}: {layer} mask differs"
             torch.testing.assert_close(weights[layer], w, rtol=1e-4, atol=1e-5, msg=f"rank {rank}: {layer}")
         assert [row["name"] for row in shared["layers"]] == [row.name for row in report.layers]
+        assert list(shared["quant"]) == list(report.to_dict()["quant"])  # joint quantization's grids too
         for row, ref in zip(shared["layers"], report.layers):  # errors summed over both ranks' batches
             assert row["error"] == pytest.approx(ref.error, rel=1e-4, abs=1e-7), row["name"]
             assert row["sparsity"] == ref.sparsity

@@ -50,4 +50,7 @@ def share_pruned(session: Session, layers: dict[str, nn.Module], owner: dict[str
             if params is not None:
                 quant[name] = _moved(params, weight.device)
         shared[name] = row
+    for name in layers:  # quantization grids in layer order, as one process records them
+        if name in quant:
+            quant[name] = quant.pop(name)
     return shared

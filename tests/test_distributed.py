@@ -106,6 +106,10 @@ def _worker(rank: int, ports: list[int], out: str, checkpoint: str) -> None:
             weights, report = _run(name, pattern)
             results[(name, pattern)] = (weights, report.to_dict())
         os.environ["PRUNEKIT_DIST_TIMEOUT"] = "60"
+        try:  # each rank sampled its own calibration data: refused before anything changes
+            pk.prune(tiny_model("llama"), pk.Wanda(0.5), calib_ids(n=4, seed=rank), progress=False)
+        except Exception as exc:  # noqa: BLE001
+            results["mismatch"] = f"{type(exc).__name__}: {exc}"
         results["raise"] = _failing("raise")
         os.environ["PRUNEKIT_DIST_TIMEOUT"] = "1"
         results["hang"] = _failing("hang")
@@ -200,6 +204,13 @@ def test_a_raising_rank_stops_every_rank_quickly(ranks):
     assert kind0 == "DistributedError"
     assert "rank 1 of 2 failed: RuntimeError: injected failure in block 1" in msg0 and "block 1" in msg0
     assert sec0 < 20  # the wait was 60 s: rank 0 learned of the failure, it did not time out
+
+
+def test_ranks_given_different_data_are_refused(ranks):
+    ranks, _ = ranks
+    for rank, result in enumerate(ranks):
+        assert result["mismatch"].startswith("DistributedError: start: arguments differs between ranks")
+        assert f"rank {1 - rank}: '4 batches, digest" in result["mismatch"]
 
 
 def test_a_hung_rank_times_out_on_every_rank(ranks):

@@ -25,6 +25,7 @@ from .group import timeout_seconds
 
 log = logging.getLogger("prunekit")
 
+MAX_POLL_PAUSE = 0.005  # s between two looks at the store while waiting at a sync point
 _RUNS = [0]  # sessions started in this process; every rank starts them in the same order
 _ACTIVE: list[Session] = []
 
@@ -58,6 +59,7 @@ class Session:
         self.batches = 0
         self.layers_pruned = 0
         self.prune_seconds = 0.0
+        self.wait_seconds = 0.0  # at sync points, for the slower ranks (or a store round trip)
         self.started = time.perf_counter()
 
     # ------------------------------------------------------------------------------ sync points
@@ -69,8 +71,9 @@ class Session:
         keys = [f"sync/{self.syncs}/{r}" for r in range(self.world)]
         self.store.set(f"at/{self.rank}", phase)
         self.store.set(keys[self.rank], payload)
-        deadline = time.monotonic() + self.timeout
-        pause = 0.0005
+        arrived = time.monotonic()
+        deadline = arrived + self.timeout
+        pause = 0.0002
         while True:
             self._raise_if_failed(phase)
             if self.store.check(keys):
@@ -84,7 +87,8 @@ class Session:
                 self._record(f"rank {self.rank} gave up waiting: {message}")
                 raise _reported(message)
             time.sleep(pause)
-            pause = min(pause * 2, 0.05)
+            pause = min(pause * 2, MAX_POLL_PAUSE)
+        self.wait_seconds += time.monotonic() - arrived
         return [self.store.get(k).decode() for k in keys]
 
     def agree(self, what: str, value: str) -> None:
@@ -163,7 +167,8 @@ class Session:
         self.sync("report")
         peak_device = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None)
         mine = {"rank": self.rank, "batches": self.batches, "layers_pruned": self.layers_pruned,
-                "prune_seconds": self.prune_seconds, "seconds": time.perf_counter() - self.started,
+                "prune_seconds": self.prune_seconds,
+                "wait_seconds": self.wait_seconds, "syncs": self.syncs, "seconds": time.perf_counter() - self.started,
                 "peak_device_bytes": peak_device,
                 "peak_host_bytes": _peak_host_bytes()}
         return {"world_size": self.world, "backend": self.backend, "timeout_s": self.timeout,

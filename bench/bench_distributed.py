@@ -192,7 +192,7 @@ def main(argv=None):
         for r in cases["2 processes x 1 thread"][name]["report"]["distributed"]["ranks"]:
             lines.append(f"| {name} | 2 processes: rank {r['rank']} | {r['layers_pruned']} layers pruned in "
                          f"{r['prune_seconds']:.2f} s, {r['wait_seconds']:.2f} s waiting at {r['syncs']} sync "
-                         f"points, peak host memory {r['peak_host_bytes'] / 2**20:.0f} MiB | | |")
+                         f"points, {r['comm_seconds']:.2f} s in collectives, of {r['seconds']:.2f} s; peak host memory {r['peak_host_bytes'] / 2**20:.0f} MiB | | |")
         lines.append(f"| {name} | split of the 1x1 run | calibration {calib:.2f} s, pruning {prune:.2f} s | | |")
         lines.append(f"| {name} | predicted from per-layer costs | "
                      + ", ".join(f"N={n}: {ref / predicted[n][0]:.2f}x" for n in (2, 4, 8)) + " | | |")

@@ -60,6 +60,7 @@ class Session:
         self.layers_pruned = 0
         self.prune_seconds = 0.0
         self.wait_seconds = 0.0  # at sync points, for the slower ranks (or a store round trip)
+        self.comm_seconds = 0.0  # in collectives (host time; NCCL's may still run on the GPU after)
         self.started = time.perf_counter()
 
     # ------------------------------------------------------------------------------ sync points
@@ -133,23 +134,29 @@ class Session:
 
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         """Sums t over the ranks, in place."""
+        began = time.perf_counter()
         comm = self._comm(t)
         torch.distributed.all_reduce(comm)
         if comm is not t:
             t.copy_(comm)
+        self.comm_seconds += time.perf_counter() - began
         return t
 
     def broadcast_(self, t: torch.Tensor, src: int) -> torch.Tensor:
         """t from rank `src` on every rank, in place."""
+        began = time.perf_counter()
         comm = self._comm(t)
         torch.distributed.broadcast(comm, src)
         if comm is not t:
             t.copy_(comm)
+        self.comm_seconds += time.perf_counter() - began
         return t
 
     def all_gather_object(self, obj) -> list:
+        began = time.perf_counter()
         out = [None] * self.world
         torch.distributed.all_gather_object(out, obj)
+        self.comm_seconds += time.perf_counter() - began
         return out
 
     # ------------------------------------------------------------------------------ data, report
@@ -168,7 +175,7 @@ class Session:
         peak_device = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None)
         mine = {"rank": self.rank, "batches": self.batches, "layers_pruned": self.layers_pruned,
                 "prune_seconds": self.prune_seconds,
-                "wait_seconds": self.wait_seconds, "syncs": self.syncs, "seconds": time.perf_counter() - self.started,
+                "wait_seconds": self.wait_seconds, "syncs": self.syncs, "comm_seconds": self.comm_seconds, "seconds": time.perf_counter() - self.started,
                 "peak_device_bytes": peak_device,
                 "peak_host_bytes": _peak_host_bytes()}
         return {"world_size": self.world, "backend": self.backend, "timeout_s": self.timeout,

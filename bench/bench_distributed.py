@@ -193,7 +193,13 @@ def main(argv=None):
             lines.append(f"| {name} | 2 processes: rank {r['rank']} | {r['layers_pruned']} layers pruned in "
                          f"{r['prune_seconds']:.2f} s, {r['wait_seconds']:.2f} s waiting at {r['syncs']} sync "
                          f"points, {r['comm_seconds']:.2f} s in collectives, of {r['seconds']:.2f} s; peak host memory {r['peak_host_bytes'] / 2**20:.0f} MiB | | |")
-        lines.append(f"| {name} | split of the 1x1 run | calibration {calib:.2f} s, pruning {prune:.2f} s | | |")
+        by_group: dict = {}
+        for groups in _groups(cases[base][name]["report"]).values():
+            for key, sec in groups.items():
+                by_group["/".join(k.split("_")[0] for k in key)] = by_group.get("/".join(k.split("_")[0] for k in key), 0.0) + sec
+        share = ", ".join(f"{k} {v / max(prune, 1e-9):.0%}" for k, v in by_group.items())
+        lines.append(f"| {name} | split of the 1x1 run | calibration {calib:.2f} s, pruning {prune:.2f} s "
+                     f"({share}) | | |")
         lines.append(f"| {name} | predicted from per-layer costs | "
                      + ", ".join(f"N={n}: {ref / predicted[n][0]:.2f}x" for n in (2, 4, 8)) + " | | |")
     header = ["| method | case | seconds (median) | blocks/s | vs 1 process x 1 thread |", "|---|---|---|---|---|"]

@@ -90,6 +90,31 @@ def _single(args, threads):
     return results
 
 
+def _spin(rank, seconds, out):
+    """Busy single-thread matmuls for `seconds`; writes how many it did."""
+    torch.set_num_threads(1)
+    a = torch.randn(256, 256)
+    done, end = 0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        a = torch.tanh(a @ a)
+        done += 1
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(str(done))
+
+
+def _capacity(seconds=4.0):
+    """Control: the work 2 independent 1-thread processes get done in the same time as 1 (2.0 on an idle
+    2-core machine; less when other work shares the cores)."""
+    counts = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in (1, 2):
+            out = os.path.join(tmp, f"spin{n}")
+            torch.multiprocessing.start_processes(_spin, args=(seconds, out), nprocs=n, join=True,
+                                                  start_method="spawn")
+            counts[n] = sum(int(open(f"{out}.{r}").read()) for r in range(n))
+    return counts[2] / counts[1]
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -176,6 +201,7 @@ def main(argv=None):
                                               join=True, start_method="spawn")
         with open(out) as f:
             cases["2 processes x 1 thread"] = json.load(f)
+    run["capacity_2_vs_1"] = _capacity()
     run["load_after"] = _load()
     rows, lines = [], []
     base = "1 process x 1 thread"
@@ -204,7 +230,9 @@ def main(argv=None):
                      + ", ".join(f"N={n}: {ref / predicted[n][0]:.2f}x" for n in (2, 4, 8)) + " | | |")
     header = ["| method | case | seconds (median) | blocks/s | vs 1 process x 1 thread |", "|---|---|---|---|---|"]
     text = "\n".join([f"CPU {run['cpu']} ({run['cores']} cores), torch {run['torch']}, commit {run['commit']}, "
-                      f"{run['started']}, load average before {run['load_before']}, after {run['load_after']}",
+                      f"{run['started']}, load average before {run['load_before']}, after {run['load_after']}; "
+                      f"control: 2 independent 1-thread processes did {run['capacity_2_vs_1']:.2f}x the matmuls "
+                      f"of 1 in the same time (2.00 on idle cores)",
                       *header, *lines, *_cost_model_lines()])
     print(text)
     Path(args.out).mkdir(parents=True, exist_ok=True)

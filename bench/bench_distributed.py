@@ -4,7 +4,7 @@ the per-layer costs that predict the scaling on N ranks.
     python bench/bench_distributed.py [--repeats 3] [--blocks 4] [--hidden 512] [--out bench/results]
 
 Cases, each timed as the wall time of the pk.prune call on rank 0 (after a barrier; process start-up and
-imports excluded), median of --repeats runs:
+imports excluded), median of --repeats runs, the two main cases interleaved in the same processes:
   1 process, 1 thread | 2 processes x 1 thread (gloo) | with --two-threads: 1 process, 2 threads
 for SparseGPT 50% and Wanda 50% on a random-weight Llama of --blocks blocks (hidden --hidden, MLP 2.6875x,
 --samples x --seq-len calibration tokens, fp32). The single-process report gives each layer's pruning
@@ -32,6 +32,7 @@ import torch
 
 BENCH_DIR = Path(__file__).resolve().parent
 METHODS = ("sparsegpt", "wanda")
+SINGLE, DISTRIBUTED = "1 process x 1 thread", "2 processes x 1 thread"
 
 
 def _model(args):
@@ -66,14 +67,25 @@ def _time_prune(args, name, distributed):
 
 
 def _rank_main(rank, world, port, args, out):
+    """Both cases in the same 2 processes, interleaved (single, distributed, single, ...) so that both
+    see the same load: rank 0 alone runs the single-process case while rank 1 waits at a barrier."""
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                          world_size=world)
-    results = {}
+    results = {SINGLE: {}, DISTRIBUTED: {}}
     for name in METHODS:
-        _time_prune(args, name, True)  # warm-up
-        runs = [_time_prune(args, name, True) for _ in range(args.repeats)]
-        results[name] = {"seconds": [s for s, _ in runs], "report": runs[-1][1].to_dict()}
+        runs = {SINGLE: [], DISTRIBUTED: []}
+        for i in range(args.repeats + 1):  # the first round warms up
+            torch.distributed.barrier()
+            if rank == 0:
+                runs[SINGLE].append(_time_prune(args, name, False))
+            torch.distributed.barrier()
+            runs[DISTRIBUTED].append(_time_prune(args, name, True))
+            if i == 0:
+                runs = {SINGLE: [], DISTRIBUTED: []}
+        for case in (SINGLE, DISTRIBUTED):
+            if runs[case]:
+                results[case][name] = {"seconds": [s for s, _ in runs[case]], "report": runs[case][-1][1].to_dict()}
     torch.distributed.destroy_process_group()
     if rank == 0:
         with open(out, "w") as f:
@@ -192,19 +204,19 @@ def main(argv=None):
     args = parser.parse_args(argv)
     run = {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "commit": _commit(),
            "args": vars(args), "load_before": _load(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-    cases = {"1 process x 1 thread": _single(args, 1)}
-    if args.two_threads:
-        cases["1 process x 2 threads"] = _single(args, 2)
+    run["capacity_before"] = _capacity()
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rank0.json")
         torch.multiprocessing.start_processes(_rank_main, args=(2, _free_port(), args, out), nprocs=2,
                                               join=True, start_method="spawn")
         with open(out) as f:
-            cases["2 processes x 1 thread"] = json.load(f)
-    run["capacity_2_vs_1"] = _capacity()
+            cases = json.load(f)
+    if args.two_threads:
+        cases["1 process x 2 threads"] = _single(args, 2)
+    run["capacity_after"] = _capacity()
     run["load_after"] = _load()
     rows, lines = [], []
-    base = "1 process x 1 thread"
+    base = SINGLE
     for name in METHODS:
         ref = statistics.median(cases[base][name]["seconds"])
         for case, result in cases.items():
@@ -231,8 +243,8 @@ def main(argv=None):
     header = ["| method | case | seconds (median) | blocks/s | vs 1 process x 1 thread |", "|---|---|---|---|---|"]
     text = "\n".join([f"CPU {run['cpu']} ({run['cores']} cores), torch {run['torch']}, commit {run['commit']}, "
                       f"{run['started']}, load average before {run['load_before']}, after {run['load_after']}; "
-                      f"control: 2 independent 1-thread processes did {run['capacity_2_vs_1']:.2f}x the matmuls "
-                      f"of 1 in the same time (2.00 on idle cores)",
+                      f"control: 2 independent 1-thread processes did {run['capacity_before']:.2f}x (before) / "
+                      f"{run['capacity_after']:.2f}x (after) the matmuls of 1 in the same time (2.00 on idle cores)",
                       *header, *lines, *_cost_model_lines()])
     print(text)
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -11,12 +11,13 @@ from prunekit.ref import bitmask, selection
 
 pytestmark = pytest.mark.skipif(not sparse_cpu.available(), reason="prunekit._C has no sparse_linear_cpu")
 
-ISAS = ["scalar", "avx2", "avx512"]
+ISAS = ["scalar", "avx2", "avx512", "avx512bf16"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-# K: one group short of a chunk, K blocks + tails (1032 = 1024 + 8); M: 1, every bucket, tile edges
+# K: one group short of a chunk, K blocks + tails (1032 = 1024 + 8); M: 1, every bucket, tile edges (17: two
+# 16-token units, 40: three, 65: a 64-token tile + one unit, 257: four tiles + one unit)
 SHAPES = [(13, 40), (21, 1032)]
-MS = [1, 3, 16, 17, 65, 257]
+MS = [1, 3, 16, 17, 40, 65, 257]
 
 
 def need(isa):
@@ -58,9 +59,11 @@ def test_sparse24_matches_reference(isa, dtype, gen):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_bitmask_matches_reference(isa, dtype, gen):
     need(isa)
-    for (n, k), sparsity in zip(SHAPES + [(9, 8)], (0.8, 0.9, 0.5)):
+    # 64-input words keeping 0, <= 16, 17..32 and > 32 values (the M = 1 kernels take 16 kept values per step)
+    for (n, k), sparsity in zip(SHAPES + [(9, 8), (11, 200)], (0.8, 0.9, 0.5, 0.3)):
         W = weight_unstructured(n, k, gen, dtype, sparsity)
         W[0] = 0  # an empty row
+        W[-1, :64] = 1.5  # a full word
         values, mask = bitmask.pack(W)
         offsets = bitmask.row_offsets(mask)
         bias = torch.randn(n, generator=gen).to(dtype)

@@ -7,30 +7,15 @@
 #include <cstring>
 #include <memory>
 
+#include "isa/common.h"
+
 namespace prunekit {
 namespace {
 
-float bits_to_float(std::uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 std::uint32_t float_to_bits(float f) {
   std::uint32_t u;
   std::memcpy(&u, &f, 4);
   return u;
-}
-
-float half_to_float(std::uint16_t h) {
-  std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000u) << 16;
-  std::uint32_t exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu;
-  if (exp == 0x1F) return bits_to_float(sign | 0x7F800000u | (mant << 13));
-  if (exp == 0) {
-    if (mant == 0) return bits_to_float(sign);
-    float f = static_cast<float>(mant) * (1.0f / 16777216.0f);
-    return sign ? -f : f;
-  }
-  return bits_to_float(sign | ((exp + 112u) << 23) | (mant << 13));
 }
 
 // Round to nearest even, like torch's .to(torch.float16).
@@ -84,15 +69,36 @@ Buffer alloc_floats(std::int64_t n) {
   return Buffer(static_cast<float*>(std::aligned_alloc(64, bytes)));
 }
 
+// x [M, K] (dtype dt) -> fp32 tiles: tile i (tokens [i*tile, i*tile + w), w <= tile) is a contiguous [K, w]
+// block at xt + i*tile*K (a K block of one tile then sits in L1 without set conflicts); padding tokens are 0.
+void transpose_x(const void* x, DType dt, std::int64_t M, std::int64_t K, std::int64_t ld, std::int64_t tile,
+                 int threads, float* xt) {
+  constexpr std::int64_t kTile = 64;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (std::int64_t k0 = 0; k0 < K; k0 += kTile) {
+    const std::int64_t k1 = k0 + kTile < K ? k0 + kTile : K;
+    for (std::int64_t t0 = 0; t0 < ld; t0 += tile) {
+      const std::int64_t w = ld - t0 < tile ? ld - t0 : tile;
+      float* block = xt + t0 * K;
+      for (std::int64_t m = t0; m < t0 + w; ++m)
+        for (std::int64_t k = k0; k < k1; ++k) block[k * w + (m - t0)] = m < M ? load_as_float(x, m * K + k, dt) : 0.f;
+    }
+  }
+}
+
 using Kernel = void (*)(const CpuKernelArgs&);
 
 struct IsaKernels {
   Kernel s24_gemv, s24_gemm, bm_gemv, bm_gemm;
+  Kernel s24_gemm_bf16 = nullptr;  // bf16 weights, M > 1, x laid out by the kernel itself (from x_raw)
 };
 
 IsaKernels kernels_for(CpuIsa isa) {
   switch (isa) {
 #ifdef PRUNEKIT_CPU_X86_ISA
+    case CpuIsa::kAvx512Bf16:
+      return {avx512bf16::s24_gemv, avx512bf16::s24_gemm, avx512bf16::bm_gemv, avx512bf16::bm_gemm,
+              avx512bf16::s24_gemm_bf16};
     case CpuIsa::kAvx512: return {avx512::s24_gemv, avx512::s24_gemm, avx512::bm_gemv, avx512::bm_gemm};
     case CpuIsa::kAvx2: return {avx2::s24_gemv, avx2::s24_gemm, avx2::bm_gemv, avx2::bm_gemm};
 #endif
@@ -113,6 +119,9 @@ bool cpu_isa_supported(CpuIsa isa) {
     case CpuIsa::kAvx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    case CpuIsa::kAvx512Bf16:
+      return cpu_isa_supported(CpuIsa::kAvx512) && __builtin_cpu_supports("avx512bf16") &&
+             __builtin_cpu_supports("avx512vbmi2");
   }
   return false;
 #else
@@ -121,6 +130,7 @@ bool cpu_isa_supported(CpuIsa isa) {
 }
 
 CpuIsa cpu_best_isa() {
+  if (cpu_isa_supported(CpuIsa::kAvx512Bf16)) return CpuIsa::kAvx512Bf16;
   if (cpu_isa_supported(CpuIsa::kAvx512)) return CpuIsa::kAvx512;
   if (cpu_isa_supported(CpuIsa::kAvx2)) return CpuIsa::kAvx2;
   return CpuIsa::kScalar;
@@ -128,6 +138,7 @@ CpuIsa cpu_best_isa() {
 
 int cpu_isa_token_width(CpuIsa isa) {
   switch (isa) {
+    case CpuIsa::kAvx512Bf16:
     case CpuIsa::kAvx512: return 16;
     case CpuIsa::kAvx2: return 8;
     default: return 1;
@@ -188,32 +199,28 @@ Status sparse_linear_cpu(const CpuSparseLinearParams& p) {
     return Status::kOk;
   }
 
-  // M > 1: x transposed to tokens-contiguous fp32 tiles: tile i (tokens [i*tile, i*tile + w), w <= tile) is a
-  // contiguous [K, w] block at xt + i*tile*K (a K block of one tile then sits in L1 without set conflicts);
-  // padding tokens are zero. yT [N, ld].
+  // M > 1: x transposed to tokens-contiguous fp32 tiles (transpose_x), or laid out by the kernel; yT [N, ld].
   const int width = cpu_isa_token_width(isa);
   const std::int64_t ld = (M + width - 1) / width * width;
   const std::int64_t tile = width == 1 ? ld : 4 * width;
-  Buffer xT = alloc_floats(K * ld), yT = alloc_floats(N * ld);
+  const bool own_layout = !bm && dt == DType::kBFloat16 && kern.s24_gemm_bf16 != nullptr;
+  // own_layout: the kernel's pair-interleaved x (6 pairs of 2 bf16 per group of 4 inputs = 1.5 floats per input)
+  Buffer xT = alloc_floats(own_layout ? K * ld / 2 * 3 : K * ld), yT = alloc_floats(N * ld);
   if (!xT || !yT) return Status::kInvalidArgument;
   float* xt = xT.get();
-  constexpr std::int64_t kTile = 64;
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (std::int64_t k0 = 0; k0 < K; k0 += kTile) {
-    const std::int64_t k1 = k0 + kTile < K ? k0 + kTile : K;
-    for (std::int64_t t0 = 0; t0 < ld; t0 += tile) {
-      const std::int64_t w = ld - t0 < tile ? ld - t0 : tile;
-      float* block = xt + t0 * K;
-      for (std::int64_t m = t0; m < t0 + w; ++m)
-        for (std::int64_t k = k0; k < k1; ++k)
-          block[k * w + (m - t0)] = m < M ? load_as_float(p.x, m * K + k, dt) : 0.f;
-    }
-  }
-  a.x = xt;
-  a.y = yT.get();
+  a.x_raw = p.x;
   a.ld = ld;
-  (bm ? kern.bm_gemm : kern.s24_gemm)(a);
+  a.y = yT.get();
+  if (own_layout) {
+    a.work = xt;
+    kern.s24_gemm_bf16(a);
+  } else {
+    transpose_x(p.x, dt, M, K, ld, tile, threads, xt);
+    a.x = xt;
+    (bm ? kern.bm_gemm : kern.s24_gemm)(a);
+  }
   const float* yt = yT.get();
+  constexpr std::int64_t kTile = 64;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (std::int64_t n0 = 0; n0 < N; n0 += kTile) {
     const std::int64_t n1 = n0 + kTile < N ? n0 + kTile : N;

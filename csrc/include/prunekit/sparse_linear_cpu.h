@@ -4,7 +4,7 @@
 //   bitmask  values [nnz (+16 padding)] + mask uint8 [N, K/8] (bit j of byte b = input 8b + j is kept)
 //            + row_offsets int64 [N + 1] (first value of each row), for unstructured high sparsity.
 // x, W, bias and y share one dtype (float32, bfloat16 or float16); products and sums are fp32.
-// ISA: chosen at run time (AVX-512F, AVX2+FMA+F16C, portable scalar); each path is compiled in its own
+// ISA: chosen at run time (AVX-512 with BF16 + VBMI2, AVX-512F, AVX2+FMA+F16C, portable scalar); each path is compiled in its own
 // file with its own flags so the library runs on CPUs without AVX-512. Threads: OpenMP over output rows.
 #pragma once
 #include <cstdint>
@@ -13,7 +13,8 @@
 
 namespace prunekit {
 
-enum class CpuIsa : int { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
+// kAvx512Bf16: AVX-512F/BW/VL plus AVX512-BF16 and AVX512-VBMI2 (Zen 4, Sapphire Rapids and later).
+enum class CpuIsa : int { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3, kAvx512Bf16 = 4 };
 
 enum class CpuSparseFormat : int { k24 = 0, kBitmask = 1 };
 
@@ -31,7 +32,7 @@ struct CpuSparseLinearParams {
   int threads = 1;
 };
 
-// The best path this CPU runs (kAvx512, kAvx2 or kScalar).
+// The best path this CPU runs (kAvx512Bf16, kAvx512, kAvx2 or kScalar).
 CpuIsa cpu_best_isa();
 // Whether this CPU can run `isa` (kAuto: always).
 bool cpu_isa_supported(CpuIsa isa);
@@ -45,6 +46,8 @@ Status sparse_linear_cpu(const CpuSparseLinearParams& p);
 // M > 1 -> yT [N, ld]. Values/meta as in the params. ----
 struct CpuKernelArgs {
   const float* x = nullptr;
+  const void* x_raw = nullptr;  // x [M, K] as the caller gave it (kernels that lay x out themselves)
+  float* work = nullptr;        // their scratch (s24_gemm_bf16: ld * K * 3 / 2 floats, 64-byte aligned)
   float* y = nullptr;
   const void* values = nullptr;
   const std::uint8_t* meta = nullptr;
@@ -72,6 +75,14 @@ void s24_gemm(const CpuKernelArgs& a);
 void bm_gemv(const CpuKernelArgs& a);
 void bm_gemm(const CpuKernelArgs& a);
 }  // namespace avx512
+namespace avx512bf16 {
+void s24_gemv(const CpuKernelArgs& a);
+void s24_gemm(const CpuKernelArgs& a);
+void bm_gemv(const CpuKernelArgs& a);
+void bm_gemm(const CpuKernelArgs& a);
+// bf16 weights, M > 1: reads x_raw (bf16 [M, K]) instead of x; writes yT [N, ld], ld = M rounded up to 16.
+void s24_gemm_bf16(const CpuKernelArgs& a);
+}  // namespace avx512bf16
 
 // Token width (floats) of the xT/yT layout each path wants (ld is M rounded up to it).
 int cpu_isa_token_width(CpuIsa isa);

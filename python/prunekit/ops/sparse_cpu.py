@@ -6,8 +6,9 @@ tensors, hands pointers to `_C.sparse_linear_cpu`, returns y. Two weight formats
   SIMD loads may read), `mask` uint8 [N, K/8] (bit j of byte b: input 8b + j kept), `row_offsets` int64
   [N + 1]. Reference and packing: ref/bitmask.py.
 
-ISA: the best this CPU runs unless `isa` (or PRUNEKIT_CPU_ISA) says auto|scalar|avx2|avx512; asking for
-one the CPU lacks raises. Threads: torch.get_num_threads() unless given (the kernels run their own OpenMP
+ISA: the best this CPU runs unless `isa` (or PRUNEKIT_CPU_ISA) says auto|scalar|avx2|avx512|avx512bf16 (the
+last: AVX-512 plus AVX512-BF16 and VBMI2, e.g. Zen 4 / Sapphire Rapids: vdpbf16ps for bf16 2:4 at M > 1 and
+the kept-values-only bitmask kernel at M = 1); asking for one the CPU lacks raises. Threads: torch.get_num_threads() unless given (the kernels run their own OpenMP
 pool, sized per call).
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from .. import _native
 
-ISA_CODES = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
+ISA_CODES = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3, "avx512bf16": 4}
 ISA_NAMES = {code: name for name, code in ISA_CODES.items()}
 ENV_ISA = "PRUNEKIT_CPU_ISA"
 FORMAT_24, FORMAT_BITMASK = 0, 1

@@ -40,6 +40,7 @@ SHAPES = ["4096x4096", "11008x4096", "4096x11008", "384x384", "1536x384", "384x1
 MS = [1, 4, 16, 64, 256]
 UNSTRUCTURED = [0.7, 0.8, 0.9]
 L3_BYTES = 32 * 2**20
+CLOCK = [time.perf_counter]  # --cpu-time: time.thread_time
 
 
 def cpu_model() -> str:
@@ -73,18 +74,7 @@ def prune_rows(W: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 def interleaved(fns: dict, reps: int, min_s: float = 0.0) -> dict[str, list[float]]:
     """Seconds per call of each fn, `reps` rounds (or more until min_s), each round every fn once in turn."""
-    for fn in fns.values():
-        fn()
-    samples = {k: [] for k in fns}
-    start = time.perf_counter()
-    while True:
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - t0)
-        n = len(samples[next(iter(fns))])
-        if n >= reps and time.perf_counter() - start >= min_s:
-            return samples
+    return sparse_cpu_route.interleaved_samples(fns, reps, None, min_s, CLOCK[0])
 
 
 def timing(samples: list[float], per: int = 1) -> dict:
@@ -192,7 +182,10 @@ def bench_layers(run: dict, args, rows: list[dict], out: Path) -> None:
                             extras["rel_err"] = errs[name]
                         if name.endswith("_layer"):
                             layer = (case.layer24 if "24" in name else case.layeru)[0]
-                            extras["route"] = "dense" if layer.is_dense else "sparse"
+                            key = sparse_cpu_route.key("2:4" if "24" in name else "bitmask", n, k, dtype, False, M)
+                            extras["route"] = ("dense layer" if layer.is_dense else "packed" if
+                                               sparse_cpu_route.chosen_routes().get(key) != "dense" else
+                                               "packed (kernel or unpack+dense at this M)")
                         rows.append(common.row(run, "linear_cpu", name, shape=shape, dtype=dtype, M=M, timing=t,
                                                flops=2.0 * M * n * k, **extras))
                     common.write_results(out, "bench_cpu", run, rows)
@@ -327,6 +320,8 @@ def parse_args(argv=None):
     p.add_argument("--max-copies", type=int, default=64)
     p.add_argument("--one-thread-only", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the run (default: torch's)")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time with this thread's CPU time instead of wall time (one-thread runs on a shared machine)")
     p.add_argument("--no-csr", action="store_true")
     p.add_argument("--parts", nargs="+", choices=["layers", "decode", "minilm"], default=["layers", "decode", "minilm"])
     p.add_argument("--hidden", type=int, default=2048)
@@ -354,12 +349,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        if torch.get_num_threads() != 1:
+            print("bench_cpu: --cpu-time counts the calling thread only: use it with --threads 1", file=sys.stderr)
+            return 2
+        CLOCK[0] = time.thread_time
     if not sparse_cpu.available():
         print("bench_cpu: prunekit._C has no sparse_linear_cpu (rebuild prunekit)", file=sys.stderr)
         return 1
     run = common.run_info("bench_cpu", "cpu", argv, cpu=cpu_model(), cpu_flags=cpu_flags(),
                           isa=sparse_cpu.best_isa(), threads=torch.get_num_threads(),
-                          load_avg=os.getloadavg()[0], note="shared machine: ratios are same-run medians")
+                          load_avg=os.getloadavg()[0], clock="thread CPU time" if args.cpu_time else "wall",
+                          note="ratios are same-run medians of interleaved rounds")
     rows: list[dict] = []
     out = Path(args.out)
     print(f"{run['cpu']} ({', '.join(run['cpu_flags'])}), {run['threads']} threads, ISA {run['isa']}, "

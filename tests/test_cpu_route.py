@@ -96,21 +96,73 @@ def test_dense_wins_dense_is_the_only_copy(gen, winner, tmp_path):
     assert not layer.is_dense and torch.equal(layer.values, values) and torch.equal(layer.meta, meta)
 
 
-def test_dense_in_one_bucket_makes_the_layer_dense(gen, monkeypatch):
+def fake_route(monkeypatch, table, unpack_s=0.1):
+    """_median_times answers from `table` by the probe's M bucket; unpacking takes `unpack_s`."""
+    seen = []
+    real_randn = torch.randn
+
+    def randn(*shape, **kw):  # decide() builds its probe with torch.randn(bucket, K): note the bucket
+        if "generator" not in kw:
+            seen.append(shape[0])
+        return real_randn(*shape, **kw)
+
     def fake(fns, **_):
-        return {"dense": 1.0, "sparse": 0.5}  # sparse wins...
+        dense, sparse = table.get(seen[-1], (1.0, 0.5))
+        return {"dense": dense, "sparse": sparse}
+    monkeypatch.setattr(route.torch, "randn", randn)
     monkeypatch.setattr(route, "_median_times", fake)
+    monkeypatch.setattr(route, "unpack_seconds", lambda *a: unpack_s)
+    return seen
+
+
+def test_layer_form_follows_the_decode_bucket(gen, monkeypatch):
+    # the prompt (M=8) comes first and dense wins it; decode (M=1) is measured on the spot and sparse wins it:
+    # the layer stays packed (decode never slower), and the prompt runs dense on a transient unpacked copy
+    seen = fake_route(monkeypatch, {8: (1.0, 2.0), 1: (1.0, 0.5)}, unpack_s=0.5)
     lin = linear_24(32, 64, gen)
     layer = SparseLinear.from_dense(lin)
-    layer(torch.randn(1, 64, generator=gen))
-    assert not layer.is_dense
-    monkeypatch.setattr(route, "_median_times", lambda fns, **_: {"dense": 0.5, "sparse": 1.0})  # ...not at M=64
-    layer(torch.randn(64, 64, generator=gen))
-    assert layer.is_dense
+    calls = []
+    monkeypatch.setattr(SparseLinear, "_unpacked", lambda self, f=SparseLinear._unpacked: calls.append(1) or f(self))
+    x8 = torch.randn(8, 64, generator=gen)
+    torch.testing.assert_close(layer(x8), lin(x8))
+    assert seen == [1, 8] and not layer.is_dense  # decode measured first
+    assert len(calls) == 3  # one dense weight per measurement, then the call's transient one
+    assert len(sparse24_dense._unpacked) == 0  # no cached dense copy
+    torch.testing.assert_close(layer(x8), lin(x8))
+    assert len(calls) == 4 and seen == [1, 8]  # measured once
+    x1 = torch.randn(1, 64, generator=gen)
+    torch.testing.assert_close(layer(x1), lin(x1))
+    assert len(calls) == 4 and not layer.is_dense  # decode: the kernel
+    # a bucket where dense wins, but unpacking costs more than the kernel loses: the kernel
+    route.clear()
+    fake_route(monkeypatch, {8: (1.0, 1.2), 1: (1.0, 0.5)}, unpack_s=0.5)
+    layer(x8)  # measures
+    calls.clear()
+    torch.testing.assert_close(layer(x8), lin(x8))
+    assert not calls and not layer.is_dense
+
+
+def test_dense_decode_bucket_makes_the_layer_dense(gen, monkeypatch):
+    fake_route(monkeypatch, {1: (0.5, 1.0)})  # dense wins decode (sparse would win at M=64)
+    lin = linear_24(32, 64, gen)
+    layer = SparseLinear.from_dense(lin)
+    x = torch.randn(64, 64, generator=gen)
+    torch.testing.assert_close(layer(x), lin(x))
+    assert layer.is_dense and layer.values.numel() == 0
     other = SparseLinear.from_dense(linear_24(32, 64, gen))  # same shape: dense at once, no new measurement
     monkeypatch.setattr(route, "_median_times", lambda fns, **_: pytest.fail("measured twice"))
     other(torch.randn(1, 64, generator=gen))
     assert other.is_dense
+    # batched decoding: PRUNEKIT_SPARSE_CPU_DECODE_M names the bucket that decides
+    route.clear()
+    fake_route(monkeypatch, {1: (0.5, 1.0), 4: (1.0, 0.5)})
+    monkeypatch.setenv(route.ENV_DECODE_M, "4")
+    third = SparseLinear.from_dense(linear_24(32, 64, gen))
+    third(torch.randn(1, 64, generator=gen))
+    assert not third.is_dense
+    monkeypatch.setenv(route.ENV_DECODE_M, "0")
+    with pytest.raises(ValueError, match=route.ENV_DECODE_M):
+        third(torch.randn(2, 64, generator=gen))
 
 
 def test_forced_modes_and_real_measurement(gen, monkeypatch):

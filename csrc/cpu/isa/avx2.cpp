@@ -52,17 +52,24 @@ void s24_gemv_t(const CpuKernelArgs& a) {
   for (std::int64_t n = 0; n < a.N; ++n) {
     const W* v = values + n * (K / 2);
     const std::uint8_t* mt = a.meta + n * (K / 8);
-    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (std::int64_t c = 0; c < chunks; ++c) {
+    // two named accumulators (an array indexed by c & 1 is kept on the stack: a store/load per chunk)
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    auto chunk = [&](std::int64_t c, __m256 acc) {
       std::uint16_t m;
       std::memcpy(&m, mt + 2 * c, 2);
       __m256i idx = _mm256_add_epi32(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(m), shifts), three), base);
       __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + 16 * c), idx);
       __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + 16 * c + 8), idx);
       __m256 xs = _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-      acc[c & 1] = _mm256_fmadd_ps(load8(v + 8 * c), xs, acc[c & 1]);
+      return _mm256_fmadd_ps(load8(v + 8 * c), xs, acc);
+    };
+    std::int64_t c = 0;
+    for (; c + 2 <= chunks; c += 2) {
+      acc0 = chunk(c, acc0);
+      acc1 = chunk(c + 1, acc1);
     }
-    a.y[n] = hsum(_mm256_add_ps(acc[0], acc[1])) + s24_dot_groups(v, mt, x, chunks * 4, K / 4);
+    if (c < chunks) acc0 = chunk(c, acc0);
+    a.y[n] = hsum(_mm256_add_ps(acc0, acc1)) + s24_dot_groups(v, mt, x, chunks * 4, K / 4);
   }
 }
 
@@ -93,16 +100,22 @@ void bm_gemv_t(const CpuKernelArgs& a) {
   for (std::int64_t n = 0; n < a.N; ++n) {
     const W* vp = values + a.row_offsets[n];
     const std::uint8_t* mk = a.meta + n * nb;
-    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (std::int64_t b = 0; b < nb; ++b) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();  // named: see s24_gemv_t
+    auto byte = [&](std::int64_t b, __m256 acc) {
       const unsigned m = mk[b];
       const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand.idx[m]));
       const __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(m)), lane_bits), lane_bits);
       const __m256 w = _mm256_and_ps(_mm256_permutevar8x32_ps(load8(vp), perm), _mm256_castsi256_ps(on));
       vp += __builtin_popcount(m);
-      acc[b & 1] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + 8 * b), acc[b & 1]);
+      return _mm256_fmadd_ps(w, _mm256_loadu_ps(x + 8 * b), acc);
+    };
+    std::int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+      acc0 = byte(b, acc0);
+      acc1 = byte(b + 1, acc1);
     }
-    a.y[n] = hsum(_mm256_add_ps(acc[0], acc[1]));
+    if (b < nb) acc0 = byte(b, acc0);
+    a.y[n] = hsum(_mm256_add_ps(acc0, acc1));
   }
 }
 

@@ -1,7 +1,9 @@
 """The CPU side of the sparse layers (SparseLinear, UnstructuredSparseLinear): before a CPU forward the layer asks
-ops/sparse_cpu_route.py whether the sparse kernel beats dense F.linear for its (shape, dtype, M bucket). Where
-it does, the layer holds only its packed weight. Once dense wins for some bucket, the layer unpacks itself for
-good: the dense weight becomes its only copy (memory <= the nn.Linear it replaced) and the forward is F.linear.
+ops/sparse_cpu_route.py (`layer_plan`) how to run. The layer's form follows its decode bucket (M = 1 unless
+PRUNEKIT_SPARSE_CPU_DECODE_M says otherwise): where the sparse kernel beats dense F.linear there, the layer holds
+only its packed weight and runs the kernel, except at an M where dense on a transient unpacked copy is faster
+(a long prompt); where dense wins the decode bucket, the layer unpacks itself for good: the dense weight becomes
+its only copy (memory <= the nn.Linear it replaced) and the forward is F.linear.
 `state_dict()` (and so pk.save) still writes the packed format; `repack()` returns to the packed form.
 
 Not switched: layers whose packed values require grad while grad mode is on (training; under no_grad /
@@ -65,13 +67,17 @@ class CpuRouted:
             return None
         bias = None if self.bias is None else self.bias.detach()
         args = (self.FORMAT, self.out_features, self.in_features, values.dtype, bias is not None)
-        dense = route.layer_dense(*args) or route.decide(
+        plan = "dense" if route.layer_dense(*args) else route.layer_plan(
             self.FORMAT, x.reshape(-1, self.in_features), self.out_features, bias is not None,
-            self._sparse_call, self._unpacked, bias) == "dense"
-        if not dense:
-            return None
-        self.unpack_()
-        return F.linear(x, self._dense_weight, self.bias)
+            self._sparse_call, self._unpacked, bias)
+        if plan == "dense":
+            self.unpack_()
+            return F.linear(x, self._dense_weight, self.bias)
+        if plan == "unpack":  # this M: dense math on a transient copy beats the kernel
+            return F.linear(x, self._unpacked(), self.bias)
+        if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+            return None  # the op, for its autograd formula (it follows its own per-M route)
+        return self._sparse_call(x)  # the kernel itself (the op's per-M route may say dense: a cached copy)
 
     def unpack_(self) -> None:
         """Becomes a dense layer: the dense weight replaces the packed form (one copy)."""

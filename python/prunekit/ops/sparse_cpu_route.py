@@ -1,12 +1,19 @@
 """CPU route of the sparse linear layers: the C++ SIMD kernel (ops/sparse_cpu.py) or dense F.linear, chosen per
 (format, N, K, dtype, bias, M bucket, threads) by timing both once per process on the layer's own weight.
 
-The sparse kernel is kept for a key when dense F.linear on a dense copy of the same weight (the layer the sparse
-one replaced) is not faster than it by more than the 0.97x floor (TIE): medians of >= 5 interleaved calls.
-The copy built for the measurement is dropped right after it.
-`nn.SparseLinear` / `nn.UnstructuredSparseLinear` ask `decide()` before each CPU forward: once dense wins for
-any M bucket of a layer's key, the layer turns into a dense layer for good (its packed form is freed, so the
-dense weight is then the only copy: memory <= dense), and otherwise it holds only the packed weight.
+Per key: the sparse kernel is kept when dense F.linear on a dense copy of the same weight (the layer the sparse
+one replaced) is not faster than it by more than the 0.97x floor (TIE): medians of >= 5 interleaved calls. The
+copy built for the measurement is dropped right after it.
+
+A layer holds one copy of its weight, so per layer (nn/cpu_route.py, `layer_plan`):
+- its form follows its *decode bucket* (M = 1, or PRUNEKIT_SPARSE_CPU_DECODE_M: the batch size of your
+  decoding), where generation spends its time: when dense wins that bucket the layer turns into a dense layer
+  for good (the dense weight is then its only copy: memory <= dense, speed = dense at every M). The decode
+  bucket is measured on a layer shape's first call whatever its M (a prompt comes first).
+- otherwise it stays packed (the kernel, at most 0.6x the dense bytes), so decoding is never slower than dense,
+  and a bucket where dense wins (e.g. a long prompt) runs the faster of the kernel and dense F.linear on a
+  transient unpacked copy (freed after the call; its cost, one pass over the weight, is measured once per
+  shape): near dense speed at large M, where the unpacking is small next to the GEMM.
 PRUNEKIT_SPARSE_CPU=auto (default) | sparse | dense forces the choice (tests, benchmarks).
 """
 from __future__ import annotations
@@ -23,10 +30,12 @@ from . import sparse_cpu
 log = logging.getLogger("prunekit")
 
 ENV_MODE = "PRUNEKIT_SPARSE_CPU"
+ENV_DECODE_M = "PRUNEKIT_SPARSE_CPU_DECODE_M"
 MAX_BUCKET = 256
 TIE = 0.97  # sparse is kept while dense time / sparse time >= TIE (the "never below 0.97x dense" floor)
 _choices: dict[tuple, str] = {}
 _timings: dict[tuple, dict[str, float]] = {}
+_unpack_s: dict[tuple, float] = {}
 
 
 def mode() -> str:
@@ -34,6 +43,14 @@ def mode() -> str:
     if value not in ("auto", "sparse", "dense"):
         raise ValueError(f"{ENV_MODE} must be auto, sparse or dense, got {value!r}")
     return value
+
+
+def decode_m() -> int:
+    """The M of the bucket that decides a layer's form (PRUNEKIT_SPARSE_CPU_DECODE_M, default 1)."""
+    value = os.environ.get(ENV_DECODE_M, "1")
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{ENV_DECODE_M} must be a positive integer (the M of decoding), got {value!r}")
+    return int(value)
 
 
 def bucket(M: int) -> int:
@@ -44,6 +61,7 @@ def bucket(M: int) -> int:
 def clear() -> None:
     _choices.clear()
     _timings.clear()
+    _unpack_s.clear()
 
 
 def chosen_routes() -> dict[tuple, str]:
@@ -61,32 +79,40 @@ def key(fmt: str, N: int, K: int, dtype: torch.dtype, has_bias: bool, M: int) ->
 
 
 def layer_dense(fmt: str, N: int, K: int, dtype: torch.dtype, has_bias: bool) -> bool:
-    """Whether dense won any measured M bucket of this layer shape (at the current thread count)."""
-    threads = torch.get_num_threads()
-    return any(c == "dense" for k, c in _choices.items()
-               if k[:5] == (fmt, N, K, dtype, has_bias) and k[6] == threads)
+    """Whether dense won this layer shape's decode bucket (at the current thread count): the layer goes dense."""
+    return _choices.get(key(fmt, N, K, dtype, has_bias, decode_m())) == "dense"
 
 
-def _median_times(fns: dict[str, Callable[[], object]], budget_s: float = 0.1, max_reps: int = 15) -> dict[str, float]:
-    """Median seconds of each fn, interleaved (a, b, a, b, ...) so that machine noise hits both alike."""
+def interleaved_samples(fns: dict[str, Callable[[], object]], min_reps: int = 5, max_reps: int | None = 15,
+                        budget_s: float = 0.1, clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Seconds per call of each fn, in rounds (a, b, a, b, ...) so that machine noise hits all alike, after one
+    warm-up call each: at least `min_reps` rounds, then more until `budget_s` has passed or `max_reps` rounds.
+    `clock`: wall time by default; time.thread_time counts only this thread's CPU time (one-thread runs on a
+    shared machine)."""
     for fn in fns.values():
         fn()  # warm-up (first-touch allocations, caches)
     samples: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
     while True:
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            samples[name].append(time.perf_counter() - t0)
+            samples[name].append(clock() - t0)
         reps = len(next(iter(samples.values())))
-        if reps >= max_reps or (reps >= 5 and time.perf_counter() - start > budget_s):
-            break
+        if reps >= min_reps and ((max_reps is not None and reps >= max_reps) or time.perf_counter() - start > budget_s):
+            return samples
+
+
+def _median_times(fns: dict[str, Callable[[], object]], budget_s: float = 0.1, max_reps: int = 15) -> dict[str, float]:
+    """Median seconds of each fn (interleaved_samples)."""
+    samples = interleaved_samples(fns, 5, max_reps, budget_s)
     return {name: sorted(s)[len(s) // 2] for name, s in samples.items()}
 
 
 def decide(fmt: str, x2d: torch.Tensor, N: int, has_bias: bool, sparse_fn: Callable[[torch.Tensor], object],
            dense_weight: Callable[[], torch.Tensor], bias: torch.Tensor | None) -> str:
-    """'sparse' or 'dense' for this call (measured on first use of its key)."""
+    """'sparse' or 'dense' for this call's key (measured on first use of the key; only x2d's shape and dtype
+    are used)."""
     forced = mode()
     if forced != "auto":
         return forced
@@ -110,3 +136,31 @@ def decide(fmt: str, x2d: torch.Tensor, N: int, has_bias: bool, sparse_fn: Calla
         log.info("sparse CPU route %s: dense %.1f us, sparse %.1f us -> %s", k, times["dense"] * 1e6,
                  times["sparse"] * 1e6, choice)
     return choice
+
+
+def unpack_seconds(fmt: str, N: int, K: int, dtype: torch.dtype, dense_weight: Callable[[], torch.Tensor]) -> float:
+    """Median seconds of building the dense weight from the packed one (measured once per shape and threads)."""
+    k = (fmt, N, K, dtype, torch.get_num_threads())
+    if k not in _unpack_s:
+        with torch.inference_mode(False), torch.no_grad():
+            samples = interleaved_samples({"unpack": dense_weight}, 3, 5, budget_s=0.05)["unpack"]
+            _unpack_s[k] = sorted(samples)[len(samples) // 2]
+    return _unpack_s[k]
+
+
+def layer_plan(fmt: str, x2d: torch.Tensor, N: int, has_bias: bool, sparse_fn: Callable[[torch.Tensor], object],
+               dense_weight: Callable[[], torch.Tensor], bias: torch.Tensor | None) -> str:
+    """For a layer holding one copy of its weight (module docstring): 'dense' (dense won the decode bucket: the
+    layer turns dense), 'sparse' (the kernel, for this call) or 'unpack' (this call: dense F.linear on a
+    transient unpacked weight beats the kernel)."""
+    M, K = x2d.shape
+    dm = decode_m()
+    if decide(fmt, x2d.new_empty(dm, K), N, has_bias, sparse_fn, dense_weight, bias) == "dense":
+        return "dense"
+    if M == 0 or bucket(M) == bucket(dm) or decide(fmt, x2d, N, has_bias, sparse_fn, dense_weight, bias) == "sparse":
+        return "sparse"
+    times = _timings.get(key(fmt, N, K, x2d.dtype, has_bias, M))
+    if times is None:  # forced modes do not measure
+        return "sparse"
+    unpack = unpack_seconds(fmt, N, K, x2d.dtype, dense_weight)
+    return "unpack" if unpack + times["dense"] < times["sparse"] else "sparse"

@@ -74,6 +74,23 @@ def test_bitmask_matches_reference(isa, dtype, gen):
             assert rel_err(y, ref) < TOL[dtype], (isa, dtype, n, k, M)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_long_rows(isa, gen):
+    """K > 8192 (the M = 1 2:4 kernel then takes 4 rows at a time; 7 rows: a partial last step) and a K tail."""
+    need(isa)
+    n, k = 7, 8232
+    for dtype in (torch.float32, torch.bfloat16):
+        W = weight_24(n, k, gen, dtype)
+        values, meta = torch.ops.prunekit.pack24(W)
+        Wu = weight_unstructured(n, k, gen, dtype, 0.8)
+        bv, bm = bitmask.pack(Wu)
+        for M in (1, 2):
+            x = torch.randn(M, k, generator=gen).to(dtype)
+            assert rel_err(sparse_cpu.s24_linear(x, values, meta, isa=isa), F.linear(x.double(), W.double())) < TOL[dtype]
+            y = sparse_cpu.bitmask_linear(x, bv, bm, bitmask.row_offsets(bm), isa=isa)
+            assert rel_err(y, F.linear(x.double(), Wu.double())) < TOL[dtype]
+
+
 def test_leading_dims_threads_and_env(gen, monkeypatch):
     W = weight_24(24, 64, gen, torch.float32)
     values, meta = torch.ops.prunekit.pack24(W)

@@ -72,12 +72,15 @@ void bm_gemm(const CpuKernelArgs& a);
 namespace avx512 {
 void s24_gemv(const CpuKernelArgs& a);
 void s24_gemm(const CpuKernelArgs& a);
+// 2:4, 2 <= M <= 16 (used up to M = 4): x fp32 [M, K] row-major, y fp32 [M, N] (weights read once for all tokens).
+void s24_few(const CpuKernelArgs& a);
 void bm_gemv(const CpuKernelArgs& a);
 void bm_gemm(const CpuKernelArgs& a);
 }  // namespace avx512
 namespace avx512bf16 {
 void s24_gemv(const CpuKernelArgs& a);
 void s24_gemm(const CpuKernelArgs& a);
+void s24_few(const CpuKernelArgs& a);
 void bm_gemv(const CpuKernelArgs& a);
 void bm_gemm(const CpuKernelArgs& a);
 // bf16 weights, M > 1: reads x_raw (bf16 [M, K]) instead of x; writes yT [N, ld], ld = M rounded up to 16.

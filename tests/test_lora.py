@@ -36,14 +36,16 @@ def model_of(kind: str, seed: int):
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "gpt2", "opt"])
 def test_loss_goes_down_and_masks_stay_exact(kind):
     dense = model_of(kind, seed=1)
+    for m in dense.modules():  # tiny GPT-2 and OPT train with dropout 0.1: too noisy over 8 steps
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
     model = copy.deepcopy(dense)
     pk.prune(model, pk.Magnitude(0.5), calib_ids(2, 8), progress=False)
     before = zeros_of(model, kind)
     report = pk.recover_lora(model, dense, calib_ids(2, 16), steps=8, lr=3e-3, r=4, batch_size=2,
                              progress=False)  # one batch, so the loss is comparable across steps
     assert report.model is model and report.merged and report.trainable > 0
-    if kind != "gpt2":  # tiny GPT-2 trains with dropout 0.1 in its blocks: too noisy over 8 steps
-        assert max(report.losses[-3:]) < 0.8 * report.losses[0]
+    assert max(report.losses[-3:]) < 0.8 * report.losses[0]
     after = zeros_of(model, kind)
     for name in before:
         assert torch.equal(after[name], before[name]), name

@@ -334,3 +334,10 @@ def test_bert_encoder_prunes_mlp_by_embedding_distillation_and_reloads(tmp_path)
     report = pk.loraprune(copy.deepcopy(dense), calib_ids(2, 8), mlp=0.25, steps=3, iterations=1, teacher=dense,
                           progress=False)
     assert report.mlp == (128, 96) and len(report.losses) == 3
+
+
+def test_blocks_of_different_widths_are_refused():
+    from structured_models import model_of as structured_model
+
+    with pytest.raises(ValueError, match=r"LoRAPrune: the blocks' group counts differ \(\[\[128\], \[96\], \[128\], \[64\]\]\)"):
+        lpm.LoRAPrune(structured_model("gemma3n"), mlp=0.5)

@@ -235,6 +235,17 @@ def test_prunekit_initializes_the_group_from_torchrun_env(ranks):
 
 
 # ------------------------------------------------------------------------------ single process
+def test_report_prints_each_rank():
+    rank = {"rank": 1, "batches": 3, "layers_pruned": 5, "prune_seconds": 1.5, "wait_seconds": 0.25, "syncs": 9,
+            "comm_seconds": 0.5, "seconds": 4.0, "peak_device_bytes": None, "peak_host_bytes": 3 * 2**20}
+    report = pk.PruneReport(method="Wanda(0.5)", pattern="0.5", distributed={
+        "world_size": 2, "backend": "gloo", "timeout_s": 1800.0, "ranks": [rank]})
+    assert ("  rank 1: 3 batches, 5 layers pruned in 1.50 s, 0.25 s waiting, 0.50 s in collectives; "
+            "peak device -, host 3 MiB") in str(report)
+    assert pk.PruneReport.from_dict(report.to_dict()).distributed == report.distributed
+    assert "distributed" not in str(pk.PruneReport(method="Wanda(0.5)", pattern="0.5"))
+
+
 def test_partition_balances_by_cost():
     # a Llama-7B block with SparseGPT: q/k/v share a Hessian, gate/up share one
     h = 4096

@@ -133,7 +133,24 @@ class PruneReport:
         notes += [f"not pruned: {s['name']} {s['shape']}: {s['reason']}" for s in self.skipped]
         notes += [f"warning: {w}" for w in self.warnings]
         return "\n".join([f"{self.method} pruning, {self.seconds:.1f} s", line(header), rule,
-                          *map(line, rows[:-1]), rule, line(rows[-1]), *self._refine_lines(), *notes])
+                          *map(line, rows[:-1]), rule, line(rows[-1]), *self._refine_lines(),
+                          *self._distributed_lines(), *notes])
+
+    def _distributed_lines(self) -> list[str]:
+        """One line per rank of a distributed run: its share of the work and its peak memory."""
+        if not self.distributed:
+            return []
+
+        def mib(n) -> str:
+            return "-" if n is None else f"{n / 2**20:.0f} MiB"
+
+        d = self.distributed
+        lines = [f"distributed over {d['world_size']} ranks ({d['backend']}):"]
+        for r in d["ranks"]:
+            lines.append(f"  rank {r['rank']}: {r['batches']} batches, {r['layers_pruned']} layers pruned in "
+                         f"{r['prune_seconds']:.2f} s, {r['wait_seconds']:.2f} s waiting, {r['comm_seconds']:.2f} s "
+                         f"in collectives; peak device {mib(r['peak_device_bytes'])}, host {mib(r['peak_host_bytes'])}")
+        return lines
 
     def _refine_lines(self) -> list[str]:
         """One line per refinement step: its error change summed over layers (on each layer's

@@ -32,6 +32,7 @@ _EXPORTS = {
     "Refined": ("pruning.refine", "Refined"),
     "LeastSquares": ("pruning.least_squares", "LeastSquares"),
     "DSnoT": ("pruning.dsnot", "DSnoT"),
+    "BlockReconstruct": ("pruning.block_reconstruct", "BlockReconstruct"),
     "prune": ("pipeline", "prune"),
     "DistributedError": ("distributed.errors", "DistributedError"),  # not prune.py: a submodule named like the function would shadow it
     "PruneReport": ("report", "PruneReport"),

@@ -28,6 +28,7 @@ from .distributed import reduce as dist_reduce
 from .distributed import session as dist_session
 from .distributed import share as dist_share
 from .pruning.allocation import Context, LayerSparsity, as_allocation
+from .pruning import block_reconstruct
 from .pruning.base import LayerResult, PruningMethod
 from .pruning.refine import Refined
 from .pruning.refine import as_steps as refine_steps
@@ -68,7 +69,8 @@ def prune(model: nn.Module, method: PruningMethod, calibration, *, include=None,
     allocation: per-layer sparsity: prunekit.OWL(), or a dict of layer-name pattern -> sparsity
         (see prunekit.pruning.allocation); the method's sparsity is the target.
     refine: refinement steps run on each layer after the method, in order, on the same statistics
-        (e.g. [prunekit.DSnoT(), prunekit.LeastSquares()]; see prunekit.pruning.refine).
+        (e.g. [prunekit.DSnoT(), prunekit.LeastSquares()]; see prunekit.pruning.refine); a last
+        prunekit.BlockReconstruct() trains each block's kept weights against the dense block's outputs.
     distributed: None (default) runs across the ranks of a torch.distributed process group of several
         processes when there is one (torchrun; prunekit initializes it from torchrun's environment
         when needed): each rank calibrates on its share of the batches and prunes its share of each
@@ -94,8 +96,11 @@ def _prune(model, method, calibration, *, include, exclude, offload, device, blo
                         f"got {type(method).__name__}")
     allocation = as_allocation(allocation)
     progress = show_progress(progress) and (session is None or session.rank == 0)  # default: on a terminal
-    refine = refine_steps(refine)
-    if refine:
+    refine, block_step = block_reconstruct.split_steps(refine_steps(refine))
+    if block_step is not None and session is not None:
+        raise ValueError(f"refine: {block_step!r} does not run distributed (each rank holds a different "
+                         "share of the calibration batches); run it in one process (distributed=False)")
+    if refine or block_step:
         check_refinable(method)
         if calibration is None:
             raise ValueError("calibration: refine=... needs calibration data (each step works on the layer's "
@@ -113,6 +118,9 @@ def _prune(model, method, calibration, *, include, exclude, offload, device, blo
     targets = calibrate.select_layers(model, include, exclude, block_path)
     if not targets:
         raise calibrate.no_layers_error(model, include, exclude)
+    if block_step is not None and block_list is None:
+        raise ValueError(f"refine: {block_step!r} works block by block, and no block list was found in "
+                         f"{type(model).__name__}; name it with blocks=...")
     # Everything that can be known before a forward is checked on every layer before anything changes.
     targets, skipped = preflight.split_empty(targets)
     preflight.check_weights(method, targets)
@@ -150,13 +158,15 @@ def _prune(model, method, calibration, *, include, exclude, offload, device, blo
                 if refine:
                     method = Refined(method, refine)
                     report.method = repr(method)
+                if block_step is not None:
+                    report.method = f"{report.method} + {block_step!r}"
                 done = set()
                 if batches is None:  # no calibration data: weights only, no error pass
                     _prune_weights_only(targets, method, report)
                     done = set(targets)
                 elif block_list is not None:
                     done = _prune_blocks(model, block_path, block_list, targets, batches, method, device,
-                                         home if offload else None, progress, report)
+                                         home if offload else None, progress, report, block_step)
                 rest = {name: m for name, m in targets.items() if name not in done}
                 if rest:
                     _prune_whole_model(model, rest, batches, method, device, block_list if offload else None,
@@ -261,7 +271,7 @@ def _seeded(seed: int, device: torch.device):
 
 
 def _prune_blocks(model, block_path, block_list, targets, batches, method, device, offload_home,
-                  progress, report) -> set[str]:
+                  progress, report, block_step=None) -> set[str]:
     """Walks the blocks in order, up to the last one holding a targeted layer; returns the names
     of the layers it pruned."""
     per_block = []
@@ -273,6 +283,7 @@ def _prune_blocks(model, block_path, block_list, targets, batches, method, devic
     if not per_block:
         return set()
     inputs = calibrate.capture_block_inputs(model, block_list, batches, device, last=len(per_block) - 1)
+    dense = block_reconstruct.Targets(block_step, inputs) if block_step is not None else None
     done: set[str] = set()
     bar = tqdm(per_block, desc=f"prunekit {method!r}", unit="block", disable=not progress)
     for index, (block, layers) in enumerate(bar):
@@ -284,9 +295,15 @@ def _prune_blocks(model, block_path, block_list, targets, batches, method, devic
         def run(j: int, block=block, index=index) -> torch.Tensor:
             return inputs[j].call(block, index)
 
+        after_prune = None
+        if dense is not None:
+            wanted = dense.before_pruning(block, index, inputs)  # the dense block's outputs
+
+            def after_prune(masks, block=block, index=index, layers=layers, wanted=wanted):
+                return block_step.reconstruct(block, index, {n: layers[n] for n in masks}, masks, inputs, wanted)
         if layers:
             outputs = _prune_layers(layers, run, len(inputs), method, device, report,
-                                    lambda j: inputs[j].tokens_per_sample)
+                                    lambda j: inputs[j].tokens_per_sample, after_prune)
         else:
             outputs = [run(j) for j in range(len(inputs))]
         for inp, out in zip(inputs, outputs):
@@ -328,14 +345,17 @@ def _prune_whole_model(model, layers, batches, method, device, offload_blocks, h
 
 
 def _prune_layers(layers: dict[str, nn.Module], run, n_batches: int, method: PruningMethod,
-                  device: torch.device, report: PruneReport, tokens_of=lambda j: None) -> list:
-    """Statistics pass, pruning, then a re-run that measures each layer's error; returns the
-    re-run's outputs."""
+                  device: torch.device, report: PruneReport, tokens_of=lambda j: None, after_prune=None) -> list:
+    """Statistics pass, pruning, `after_prune(masks)` (block reconstruction, single process only: returns
+    its record, kept with the block's first layer), then a re-run that measures each layer's error;
+    returns the re-run's outputs."""
     stats = collect_stats(layers, run, n_batches, method, device, tokens_of)  # summed over ranks if distributed
     session = dist_session.active()
     if session is not None:  # each layer is pruned by one rank (its owner) and broadcast
         owner = dist_partition.owners(layers, stats, method.needs_hessian, session.world)
     deltas: dict[str, torch.Tensor] = {}
+    masks: dict[str, torch.Tensor] = {}
+    kept: dict[str, torch.Tensor] = {}  # dense weights, for the error after block reconstruction
     rows: dict[str, LayerReport] = {}
     for name, module in layers.items():
         dense = calibrate.layer_weight(module).detach().clone()
@@ -354,6 +374,9 @@ def _prune_layers(layers: dict[str, nn.Module], run, n_batches: int, method: Pru
         _check_result(result, dense, name, method)
         calibrate.set_layer_weight(module, result.weight)
         deltas[name] = dense.float() - result.weight.float()
+        masks[name] = result.mask
+        if after_prune is not None:
+            kept[name] = dense.float()
         rows[name] = LayerReport(name=name, shape=tuple(dense.shape), pattern=str(result.pattern),
                                  sparsity=float(result.weight.eq(0).float().mean()), error=0.0,
                                  seconds=seconds, damping=result.damping, notes=list(result.notes),
@@ -368,6 +391,12 @@ def _prune_layers(layers: dict[str, nn.Module], run, n_batches: int, method: Pru
     del stats
     if session is not None:
         rows = dist_share.share_pruned(session, layers, owner, rows, deltas, report.quant)
+    if after_prune is not None and rows:
+        record = after_prune({name: masks[name] for name in rows})
+        next(iter(rows.values())).refine.append(record)
+        for name in rows:  # the error pass measures the reconstructed weights
+            deltas[name] = kept[name] - calibrate.layer_weight(layers[name]).detach().float()
+        kept.clear()
 
     errors = {name: torch.zeros((), dtype=torch.float64, device=device) for name in rows}
 

@@ -30,6 +30,7 @@ import torch
 
 from .. import _validate
 from .base import LayerResult, PruningMethod
+from .block_reconstruct import BlockReconstruct
 from .stats import LayerStats
 
 
@@ -111,18 +112,18 @@ class RefineStep:
                        refine=list(result.refine) + [record])
 
 
-def as_steps(refine) -> list[RefineStep]:
-    """None, one RefineStep, or an iterable of them."""
+def as_steps(refine) -> list:
+    """None, one step (a RefineStep or BlockReconstruct), or an iterable of them."""
     if refine is None:
         return []
-    if isinstance(refine, RefineStep):
+    if isinstance(refine, (RefineStep, BlockReconstruct)):
         return [refine]
     if isinstance(refine, Iterable) and not isinstance(refine, (str, bytes)):
         steps = list(refine)
         for step in steps:
-            if not isinstance(step, RefineStep):
-                raise TypeError(f"refine: expected refinement steps (prunekit.DSnoT(), prunekit.LeastSquares()), "
-                                f"got {type(step).__name__} in {refine!r}")
+            if not isinstance(step, (RefineStep, BlockReconstruct)):
+                raise TypeError(f"refine: expected refinement steps (prunekit.DSnoT(), prunekit.LeastSquares(), "
+                                f"prunekit.BlockReconstruct()), got {type(step).__name__} in {refine!r}")
         return steps
     raise TypeError(f"refine: expected a refinement step or a list of them (e.g. [prunekit.DSnoT(), "
                     f"prunekit.LeastSquares()]), got {type(refine).__name__}")

@@ -23,7 +23,8 @@ def test_demo_wanda_and_sparsegpt_beat_magnitude(capsys):
     table = capsys.readouterr().out
     assert "all-MiniLM-L6-v2" in table and "nn-agree" in table
     by = {(r.method, r.pattern): r for r in rows}
-    assert set(by) == {(m, p) for m in ("magnitude", "wanda", "sparsegpt") for p in ("0.5", "2:4")}
+    assert set(by) == {(m, p) for m in ("magnitude", "wanda", "sparsegpt") for p in ("0.5", "2:4")} | {
+        ("sparsegpt+BR", "2:4")}
     for pattern in ("0.5", "2:4"):
         base = by["magnitude", pattern]
         for method in ("wanda", "sparsegpt"):
@@ -32,6 +33,9 @@ def test_demo_wanda_and_sparsegpt_beat_magnitude(capsys):
             assert row.nn_agreement > base.nn_agreement + 0.05, (method, pattern)
             assert row.sparsity == pytest.approx(0.5, abs=0.01)
     assert by["sparsegpt", "0.5"].cosine > 0.85 and by["wanda", "0.5"].cosine > 0.8
+    # the refined recipe (block reconstruction) beats plain SparseGPT at 2:4 and keeps the pattern's sparsity
+    assert by["sparsegpt+BR", "2:4"].cosine > by["sparsegpt", "2:4"].cosine + 0.01
+    assert by["sparsegpt+BR", "2:4"].sparsity == pytest.approx(0.5, abs=0.01)
 
 
 def test_cli_demo_and_threads_flag(monkeypatch):

@@ -18,8 +18,11 @@ def plot_history(history: dict, path: str | os.PathLike) -> None:
     xs = [t["number"] for t in trials]
     ys = [t["quality"] for t in trials]
     sparsity = [t["sparsity"] for t in trials]
-    points = left.scatter(xs, ys, c=sparsity, cmap="viridis", s=14, label="trial")
-    fig.colorbar(points, ax=left, label="overall sparsity of the trial")
+    if max(sparsity, default=0) - min(sparsity, default=0) > 1e-9:  # only when trials differ in size
+        fig.colorbar(left.scatter(xs, ys, c=sparsity, cmap="viridis", s=14, label="trial"), ax=left,
+                     label="overall sparsity of the trial")
+    else:
+        left.scatter(xs, ys, s=14, color="tab:blue", label="trial")
     best, running = [], None
     for y in ys:
         running = y if running is None else (max(running, y) if higher else min(running, y))
@@ -34,7 +37,8 @@ def plot_history(history: dict, path: str | os.PathLike) -> None:
     right.bar(range(len(names)), [history["allocation"][n] for n in names], color="tab:blue")
     right.axhline(history["target"], color="tab:red", ls="--", label="target")
     right.set_xticks(range(len(names)))
-    right.set_xticklabels([_short(n) for n in names], rotation=90, fontsize=6)
+    prefix = os.path.commonprefix(names).rpartition(".")[0]
+    right.set_xticklabels([n[len(prefix) + 1:] if prefix else n for n in names], rotation=90, fontsize=6)
     right.set_ylabel("sparsity")
     right.set_title("chosen allocation per layer")
     right.legend(loc="best", fontsize=8)
@@ -42,7 +46,3 @@ def plot_history(history: dict, path: str | os.PathLike) -> None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
-
-def _short(name: str) -> str:
-    parts = name.split(".")
-    return ".".join(parts[-4:]) if len(parts) > 4 else name

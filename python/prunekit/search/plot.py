@@ -31,7 +31,8 @@ def plot_history(history: dict, path: str | os.PathLike) -> None:
     left.axhline(history["uniform"]["quality"], color="gray", ls="--", label="uniform")
     left.set_xlabel("trial")
     left.set_ylabel(history["quality_name"] + (" (higher is better)" if higher else " (lower is better)"))
-    left.set_title(f"{history['method']}: target sparsity {history['target']:.3f} (met exactly by every trial)")
+    left.set_title(f"{history['method'].split('(')[0]}, target sparsity {history['target']:.3f} (every trial meets it)",
+                   fontsize=10)
     left.legend(loc="best", fontsize=8)
     names = list(history["allocation"])
     right.bar(range(len(names)), [history["allocation"][n] for n in names], color="tab:blue")

@@ -261,16 +261,23 @@ def bench_decode(run: dict, args, rows: list[dict], out: Path) -> None:
             agree = float((outputs[label] == generate(ref)).float().mean())
             with torch.inference_mode():
                 logits, ref_logits = m(prompt).logits.float(), ref(prompt).logits.float()
+                # the pruned dense model's own error in this dtype (vs itself in fp32): the tolerance to compare
+                # logit_rel_err with (greedy tokens of a random-weight model sit near ties: in bf16 they drift)
+                ref32 = copy.deepcopy(ref).float() if dtype != torch.float32 else ref
+                own = ref32(prompt).logits.float()
+                del ref32
             rows.append(common.row(run, "decode_cpu", label, shape=f"llama h{args.hidden} x{args.blocks}", dtype=dtype,
                                    M=1, timing=t, tokens_per_s=args.new_tokens / (t["time_ms"] * 1e-3),
                                    vs_dense=dense_s / (t["time_ms"] * 1e-3), token_agree=agree,
                                    logit_rel_err=float((logits - ref_logits).norm() / ref_logits.norm()),
+                                   dense_dtype_logit_rel_err=float((ref_logits - own).norm() / own.norm()),
                                    weight_bytes_vs_dense=weight_bytes(m) / dense_bytes,
                                    dense_layers=sum(1 for mod in m.modules() if getattr(mod, "is_dense", False)),
                                    threads=torch.get_num_threads()))
             print(f"decode {str(dtype)[6:]} {label}: {rows[-1]['extras']['tokens_per_s']:.2f} tok/s "
                   f"({rows[-1]['extras']['vs_dense']:.2f}x), weights {rows[-1]['extras']['weight_bytes_vs_dense']:.3f}x, "
-                  f"agree {agree:.3f}", flush=True)
+                  f"agree {agree:.3f}, logit err {rows[-1]['extras']['logit_rel_err']:.2e} (dense {str(dtype)[6:]} "
+                  f"own {rows[-1]['extras']['dense_dtype_logit_rel_err']:.2e})", flush=True)
         common.write_results(out, "bench_cpu", run, rows)
 
 

@@ -286,3 +286,13 @@ def test_tie_keeps_the_packed_weight(gen, monkeypatch):
     monkeypatch.setattr(route, "_median_times", lambda fns, **_: {"dense": 1.0, "sparse": 1.05})  # 0.95x: dense
     layer(x)
     assert layer.is_dense
+
+
+def test_small_buckets_are_timed_with_cold_caches(gen, monkeypatch):
+    evictions = []
+    monkeypatch.setattr(route, "_evict_caches", lambda: evictions.append(1))
+    layer = SparseLinear.from_dense(linear_24(16, 32, gen))
+    route.decide("2:4", torch.zeros(64, 32), 16, True, layer._sparse_call, layer._unpacked, layer.bias.detach())
+    assert not evictions  # compute-bound bucket: weights warm
+    route.decide("2:4", torch.zeros(1, 32), 16, True, layer._sparse_call, layer._unpacked, layer.bias.detach())
+    assert len(evictions) >= 10  # one before each timed call of both candidates (>= 5 rounds)

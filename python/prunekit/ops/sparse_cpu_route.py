@@ -2,8 +2,10 @@
 (format, N, K, dtype, bias, M bucket, threads) by timing both once per process on the layer's own weight.
 
 Per key: the sparse kernel is kept when dense F.linear on a dense copy of the same weight (the layer the sparse
-one replaced) is not faster than it by more than the 0.97x floor (TIE): medians of >= 5 interleaved calls. The
-copy built for the measurement is dropped right after it.
+one replaced) is not faster than it by more than the 0.97x floor (TIE): medians of >= 5 interleaved calls, for
+M buckets <= 16 each call with the caches evicted first (in a whole model a layer's weight comes from memory:
+a small layer timed alone would sit in the cache and favour dense). The copy built for the measurement is
+dropped right after it.
 
 A layer holds one copy of its weight, so per layer (nn/cpu_route.py, `layer_plan`):
 - its form follows its *decode bucket* (M = 1, or PRUNEKIT_SPARSE_CPU_DECODE_M: the batch size of your
@@ -84,17 +86,20 @@ def layer_dense(fmt: str, N: int, K: int, dtype: torch.dtype, has_bias: bool) ->
 
 
 def interleaved_samples(fns: dict[str, Callable[[], object]], min_reps: int = 5, max_reps: int | None = 15,
-                        budget_s: float = 0.1, clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+                        budget_s: float = 0.1, clock: Callable[[], float] = time.perf_counter,
+                        before: Callable[[], object] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each fn, in rounds (a, b, a, b, ...) so that machine noise hits all alike, after one
     warm-up call each: at least `min_reps` rounds, then more until `budget_s` has passed or `max_reps` rounds.
     `clock`: wall time by default; time.thread_time counts only this thread's CPU time (one-thread runs on a
-    shared machine)."""
+    shared machine). `before`: called (untimed) before each timed call."""
     for fn in fns.values():
         fn()  # warm-up (first-touch allocations, caches)
     samples: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
     while True:
         for name, fn in fns.items():
+            if before is not None:
+                before()
             t0 = clock()
             fn()
             samples[name].append(clock() - t0)
@@ -103,9 +108,27 @@ def interleaved_samples(fns: dict[str, Callable[[], object]], min_reps: int = 5,
             return samples
 
 
-def _median_times(fns: dict[str, Callable[[], object]], budget_s: float = 0.1, max_reps: int = 15) -> dict[str, float]:
-    """Median seconds of each fn (interleaved_samples)."""
-    samples = interleaved_samples(fns, 5, max_reps, budget_s)
+def _evict_caches() -> None:
+    """Writes a buffer of twice the last-level cache, so the next call finds its weight in memory (as in a whole
+    model, whose weights exceed the cache), not left in the cache by the previous call."""
+    global _evict_buf
+    if _evict_buf is None:
+        try:
+            llc = int(os.sysconf("SC_LEVEL3_CACHE_SIZE")) or int(os.sysconf("SC_LEVEL2_CACHE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            llc = 0
+        _evict_buf = torch.empty(max(2 * llc, 64 << 20) // 4, dtype=torch.float32)
+    _evict_buf.fill_(1.0)
+
+
+_evict_buf: torch.Tensor | None = None
+COLD_MAX_M = 16  # buckets up to this M (memory-bound: decode, small batches) are timed with cold weights
+
+
+def _median_times(fns: dict[str, Callable[[], object]], budget_s: float = 0.1, max_reps: int = 15,
+                  cold: bool = False) -> dict[str, float]:
+    """Median seconds of each fn (interleaved_samples); cold: caches evicted before each call."""
+    samples = interleaved_samples(fns, 5, max_reps, budget_s, before=_evict_caches if cold else None)
     return {name: sorted(s)[len(s) // 2] for name, s in samples.items()}
 
 
@@ -128,7 +151,7 @@ def decide(fmt: str, x2d: torch.Tensor, N: int, has_bias: bool, sparse_fn: Calla
         with torch.inference_mode(False), torch.no_grad():
             W = dense_weight()
             times = _median_times({"dense": lambda: torch.nn.functional.linear(probe, W, bias),
-                                   "sparse": lambda: sparse_fn(probe)})
+                                   "sparse": lambda: sparse_fn(probe)}, cold=k[5] <= COLD_MAX_M)
             del W
         # within the 0.97x floor the packed weight (half the memory) wins; a noisy tie does not unpack a layer
         choice = "sparse" if times["sparse"] * TIE <= times["dense"] else "dense"

@@ -17,7 +17,6 @@ import argparse
 import copy
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -41,16 +40,6 @@ MS = [1, 4, 16, 64, 256]
 UNSTRUCTURED = [0.7, 0.8, 0.9]
 L3_BYTES = 32 * 2**20
 CLOCK = [time.perf_counter]  # --cpu-time: time.thread_time
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def cpu_flags() -> list[str]:
@@ -364,7 +353,7 @@ def main(argv=None) -> int:
     if not sparse_cpu.available():
         print("bench_cpu: prunekit._C has no sparse_linear_cpu (rebuild prunekit)", file=sys.stderr)
         return 1
-    run = common.run_info("bench_cpu", "cpu", argv, cpu=cpu_model(), cpu_flags=cpu_flags(),
+    run = common.run_info("bench_cpu", "cpu", argv, cpu=common.cpu_name(), cpu_flags=cpu_flags(),
                           isa=sparse_cpu.best_isa(), threads=torch.get_num_threads(),
                           load_avg=os.getloadavg()[0], clock="thread CPU time" if args.cpu_time else "wall",
                           note="ratios are same-run medians of interleaved rounds")

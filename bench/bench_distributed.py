@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +29,8 @@ from pathlib import Path
 import torch
 
 BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+import common  # noqa: E402
 METHODS = ("sparsegpt", "wanda")
 SINGLE, DISTRIBUTED = "1 process x 1 thread", "2 processes x 1 thread"
 
@@ -172,25 +172,6 @@ def _load():
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=BENCH_DIR, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -202,7 +183,7 @@ def main(argv=None):
     parser.add_argument("--two-threads", action="store_true",
                         help="also time 1 process x 2 threads (on a loaded machine it measures the scheduler)")
     args = parser.parse_args(argv)
-    run = {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "commit": _commit(),
+    run = {"cpu": common.cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "commit": common.commit(),
            "args": vars(args), "load_before": _load(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     run["capacity_before"] = _capacity()
     with tempfile.TemporaryDirectory() as tmp:

@@ -26,8 +26,6 @@ import argparse
 import copy
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 import prunekit as pk  # noqa: E402
 from prunekit import data, demo  # noqa: E402
 from prunekit import eval as pk_eval  # noqa: E402
@@ -179,22 +178,6 @@ def plot(rows, path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def run_info(threads) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = ""
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "threads": threads, "torch": torch.__version__, "commit": commit,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="minilm,lm")
@@ -211,7 +194,7 @@ def main(argv=None):
     for r in recipes:
         if r not in RECIPES:
             ap.error(f"--recipes: {r!r} is not one of {sorted(RECIPES)}")
-    info = run_info(torch.get_num_threads())
+    info = common.cpu_run_info(torch.get_num_threads())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -27,15 +27,14 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
-import subprocess
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
+import common  # noqa: E402
 import prunekit as pk
 from prunekit import data, demo
 from prunekit import eval as pk_eval
@@ -126,22 +125,6 @@ def table(rows, header=True) -> str:
     return "\n".join(lines)
 
 
-def run_info(threads) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = ""
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "threads": threads, "torch": torch.__version__, "commit": commit,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default="wanda,sparsegpt")
@@ -153,7 +136,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    info = run_info(torch.get_num_threads())
+    info = common.cpu_run_info(torch.get_num_threads())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -18,6 +18,7 @@ import datetime
 import json
 import math
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -61,6 +62,23 @@ def commit() -> str:
         return sha + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform.processor() elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def cpu_run_info(threads: int) -> dict:
+    """What a CPU-only quality bench records about its run: CPU, threads, torch, commit, date."""
+    return {"cpu": cpu_name(), "threads": threads, "torch": torch.__version__, "commit": commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
 def device_name(device) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 import platform
 import statistics
@@ -130,24 +129,8 @@ def time_calls(calls: Sequence[Callable[[], object]], *, graph: bool = True, sam
         def run():
             for call in calls:
                 call()
-    for _ in range(3):
-        run()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    run()
-    end.record()
-    end.synchronize()
-    once_us = max(start.elapsed_time(end) * 1000.0, 1.0)
-    reps = max(1, math.ceil(min_sample_us / once_us))
-    per_call = []
-    for _ in range(samples):
-        start.record()
-        for _ in range(reps):
-            run()
-        end.record()
-        end.synchronize()
-        per_call.append(start.elapsed_time(end) * 1000.0 / (reps * len(calls)))
+    from prunekit.ops._timing import replay_times_us  # the dispatcher's own timer: benches time as it does
+    per_call = replay_times_us(run, len(calls), samples, min_sample_us, warmup=3)
     return summarize(per_call, "us")
 
 

@@ -54,8 +54,11 @@ def time_us(calls: Sequence[Callable[[], object]], what: str = "timing") -> tupl
         return eager_time_us(calls), "eager"
 
 
-def _replays_us(run, n_calls: int, samples: int, min_sample_us: float) -> float:
-    for _ in range(2):
+def replay_times_us(run: Callable[[], object], n_calls: int, samples: int, min_sample_us: float,
+                    warmup: int = 2) -> list[float]:
+    """Per-call µs samples of `run` (which makes `n_calls` calls): each sample times enough back-to-back
+    runs between CUDA events to last `min_sample_us`, so launch noise averages out."""
+    for _ in range(warmup):
         run()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -71,4 +74,9 @@ def _replays_us(run, n_calls: int, samples: int, min_sample_us: float) -> float:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1000.0 / (reps * n_calls))
-    return sorted(times)[len(times) // 2]
+    return times
+
+
+def _replays_us(run, n_calls: int, samples: int, min_sample_us: float) -> float:
+    times = sorted(replay_times_us(run, n_calls, samples, min_sample_us))
+    return times[len(times) // 2]

@@ -23,9 +23,9 @@ from __future__ import annotations
 import torch
 
 from .. import _validate
+from .damping import MAX_PERCDAMP, damping_ladder
 from .refine import RefineStep
 
-MAX_PERCDAMP = 10.0
 
 
 def damped_hessian(H: torch.Tensor, percdamp: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -93,11 +93,7 @@ def least_squares_weights(W: torch.Tensor, mask: torch.Tensor, H: torch.Tensor, 
     _validate.finite(H, f"{name} Hessian")
     if not percdamp >= 0:
         raise ValueError(f"percdamp: expected a non-negative number, got {percdamp}")
-    attempts = [(percdamp, torch.float32), (percdamp, torch.float64)]
-    p = max(percdamp, 1e-3)
-    while p < MAX_PERCDAMP:
-        p = min(p * 10, MAX_PERCDAMP)
-        attempts.append((p, torch.float64))
+    attempts = damping_ladder(percdamp)
     for used, dtype in attempts:
         out = _solve(W.to(dtype), mask, damped_hessian(H, used, dtype), max_bytes)
         if out is None:

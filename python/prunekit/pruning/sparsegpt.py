@@ -23,13 +23,13 @@ from .. import _validate, patterns
 from ..ops import obs_sweep as _obs_sweep_op  # noqa: F401  (registers torch.ops.prunekit.obs_sweep)
 from ..ops import select_mask as _select_mask_ops  # noqa: F401  (registers prunekit::tensor_keep_mask)
 from .base import LayerResult, PruningMethod
+from .damping import MAX_PERCDAMP, damping_ladder
 from .stats import LayerStats
 
 log = logging.getLogger("prunekit")
 
 # Relative damping is escalated x10 per attempt up to this multiple of mean(diag(H)); beyond it the
 # update would be little more than magnitude pruning, and an H that still fails is broken, not singular.
-MAX_PERCDAMP = 10.0
 
 
 def hinv_factor(H: torch.Tensor) -> torch.Tensor:
@@ -75,11 +75,7 @@ def damped_hinv_factor(H: torch.Tensor, percdamp: float, name: str = "layer"):
     Tries float32 at `percdamp` (the reference's choice), then float64, then float64 with damping x10
     per step up to MAX_PERCDAMP. Returns (U float32, percdamp used, notes).
     """
-    attempts = [(percdamp, torch.float32), (percdamp, torch.float64)]
-    p = max(percdamp, 1e-3)
-    while p < MAX_PERCDAMP:
-        p = min(p * 10, MAX_PERCDAMP)
-        attempts.append((p, torch.float64))
+    attempts = damping_ladder(percdamp)
     for used, dtype in attempts:
         U, damp = _try_factor(H, used, dtype)
         if U is None:

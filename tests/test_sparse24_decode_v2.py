@@ -271,7 +271,7 @@ def test_autotune_leaves_out_failing_configs_and_picks_the_fastest(monkeypatch, 
 
 @pytest.mark.parametrize("ordered", [0, 1])
 def test_ptx_uses_both_selectors_on_one_metadata_register_in_either_form(ordered, tmp_path):
-    """CUDA 12.0-12.4 has no mma.sp::ordered_metadata: the gate (as in sparse24_gemm.cu) then emits plain mma.sp.
+    """CUDA 12.0-12.4 has no mma.sp::ordered_metadata: the gate (prunekit/mma_sp.h, shared with sparse24_gemm.cu) then emits plain mma.sp.
     Either way each chunk is two mma.sp on the same metadata register, selector 0 then 1."""
     import re
     import shutil

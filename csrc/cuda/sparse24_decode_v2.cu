@@ -32,23 +32,7 @@
 
 #include "prunekit/sparse24_decode_v2.h"
 
-// mma.sp::ordered_metadata needs PTX ISA 8.5 (CUDA >= 12.5); older toolkits only know plain mma.sp, which
-// reads our metadata (kept positions always ascending) the same way on sm_80+ (CUTLASS gates alike). The same
-// gate and override as csrc/cuda/sparse24_gemm.cu: PRUNEKIT_MMA_SP_ORDERED=0/1 (tests compile both forms);
-// the module reports the form it holds (DECODE_V2_MMA_SP_FORM).
-#ifndef PRUNEKIT_MMA_SP_ORDERED
-#if defined(__CUDACC_VER_MAJOR__) && \
-    ((__CUDACC_VER_MAJOR__ > 12) || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 5))
-#define PRUNEKIT_MMA_SP_ORDERED 1
-#else
-#define PRUNEKIT_MMA_SP_ORDERED 0
-#endif
-#endif
-#if PRUNEKIT_MMA_SP_ORDERED
-#define PRUNEKIT_MMA_SP "mma.sp::ordered_metadata"
-#else
-#define PRUNEKIT_MMA_SP "mma.sp"
-#endif
+#include "prunekit/mma_sp.h"  // PRUNEKIT_MMA_SP: the instruction form (module reports DECODE_V2_MMA_SP_FORM)
 #define PRUNEKIT_V2_MMA_SP PRUNEKIT_MMA_SP ".sync.aligned.m16n8k32.row.col.f32."
 
 namespace prunekit {

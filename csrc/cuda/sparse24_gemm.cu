@@ -22,29 +22,11 @@
 
 #include <cstdint>
 
+#include "prunekit/mma_sp.h"  // PRUNEKIT_MMA_SP: the instruction form (module reports SPARSE24_MMA_SP_FORM)
 #include "prunekit/sparse24_gemm.h"
 
 namespace prunekit {
 namespace {
-
-// mma.sp::ordered_metadata needs PTX ISA 8.5 (CUDA >= 12.5); older toolkits only know plain mma.sp.
-// Our metadata always lists the kept positions in ascending order, which is what both forms read on
-// sm_80+ (CUTLASS gates the same way, include/cutlass/arch/mma_sparse_sm80.h); the ordered form is
-// preferred where it exists (the plain one is deprecated in PTX ISA 8.5). PRUNEKIT_MMA_SP_ORDERED=0/1
-// overrides (tests compile both forms); the module reports which one it holds (SPARSE24_MMA_SP_FORM).
-#ifndef PRUNEKIT_MMA_SP_ORDERED
-#if defined(__CUDACC_VER_MAJOR__) && \
-    ((__CUDACC_VER_MAJOR__ > 12) || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 5))
-#define PRUNEKIT_MMA_SP_ORDERED 1
-#else
-#define PRUNEKIT_MMA_SP_ORDERED 0
-#endif
-#endif
-#if PRUNEKIT_MMA_SP_ORDERED
-#define PRUNEKIT_MMA_SP "mma.sp::ordered_metadata"
-#else
-#define PRUNEKIT_MMA_SP "mma.sp"
-#endif
 
 constexpr int kWarps = kSparse24RowsPerBlock / 16;
 constexpr std::uint64_t kZeroGroupsMeta = 0x4444444444444444ull;  // nibble 0x4 (positions 0,1) everywhere

@@ -296,3 +296,42 @@ def test_small_buckets_are_timed_with_cold_caches(gen, monkeypatch):
     assert not evictions  # compute-bound bucket: weights warm
     route.decide("2:4", torch.zeros(1, 32), 16, True, layer._sparse_call, layer._unpacked, layer.bias.detach())
     assert len(evictions) >= 10  # one before each timed call of both candidates (>= 5 rounds)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("kind", ["2:4", "bitmask"])
+def test_cached_plan_runs_the_unchecked_kernel_and_follows_new_measurements(gen, winner, monkeypatch, kind, bias):
+    """The layer caches its plan per M bucket and route context, so a call skips the measurement and the
+    per-call checks (run_validated); the output still equals the reference, with and without bias, and a
+    new measurement (route.clear()) or a forced mode is followed at the next call."""
+    if kind == "2:4":
+        lin = linear_24(24, 40, gen, bias=bias)
+        layer = SparseLinear.from_dense(lin)
+    else:
+        lin = linear_unstructured(24, 40, gen)
+        if not bias:
+            lin.bias = None
+        layer = UnstructuredSparseLinear.from_dense(lin)
+    unchecked = []
+    real = sparse_cpu.run_validated
+    monkeypatch.setattr(sparse_cpu, "run_validated", lambda *a: unchecked.append(a[-1]) or real(*a))
+    calls = winner("sparse")
+    x = torch.randn(3, 5, 40, generator=gen)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+        assert len(calls) == 2  # the decode bucket and this M, each measured on the unchecked kernel
+        assert len(unchecked) == 3  # 2 measurements (each runs both candidates once) + the call itself
+        unchecked.clear()
+        for _ in range(3):
+            torch.testing.assert_close(layer(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2 and len(unchecked) == 3  # no new measurement; the kernel every call
+    monkeypatch.setenv(route.ENV_MODE, "dense")  # a forced mode: the op's route, not the cached plan
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+    assert len(unchecked) == 3 and not layer.is_dense
+    monkeypatch.delenv(route.ENV_MODE)
+    route.clear()
+    winner("dense")
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+    assert layer.is_dense and len(unchecked) == 4  # the decode bucket measured again (both ran once); dense now

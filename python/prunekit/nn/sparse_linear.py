@@ -100,6 +100,10 @@ class SparseLinear(CpuRouted, nn.Module):
         return sparse_cpu.s24_linear(x, self.values.detach(), self.meta,
                                      None if self.bias is None else self.bias.detach())
 
+    def _kernel_call(self, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return sparse_cpu.run_validated(x, values, self._buffers["meta"], None, self._parameters.get("bias"),
+                                        self.out_features, self.in_features, sparse_cpu.FORMAT_24)
+
     def _pack_dense(self, W: torch.Tensor) -> dict[str, torch.Tensor]:
         values, meta = torch.ops.prunekit.pack24(W)
         return {"values": values, "meta": meta}

@@ -38,6 +38,7 @@ TIE = 0.97  # sparse is kept while dense time / sparse time >= TIE (the "never b
 _choices: dict[tuple, str] = {}
 _timings: dict[tuple, dict[str, float]] = {}
 _unpack_s: dict[tuple, float] = {}
+_generation = [0]  # bumped by clear(): layers drop the plans they cached from earlier measurements
 
 
 def mode() -> str:
@@ -60,7 +61,14 @@ def bucket(M: int) -> int:
     return min(MAX_BUCKET, 1 << max(0, (M - 1).bit_length()))
 
 
+def context() -> tuple:
+    """What a layer's cached plan depends on besides its shape and M bucket: (mode, decode M, threads, the
+    generation of the measurements)."""
+    return mode(), decode_m(), torch.get_num_threads(), _generation[0]
+
+
 def clear() -> None:
+    _generation[0] += 1
     _choices.clear()
     _timings.clear()
     _unpack_s.clear()

@@ -1,11 +1,12 @@
 """CPU benchmark of the sparse linear layers (issue 10): providers side by side in one run, medians of
 interleaved repeats (provider A, B, C, A, B, C, ...), so that the noise of a shared machine hits all alike.
 
-Layer rows (op "linear_cpu"): dense F.linear, torch CSR (torch.sparse.mm on the 2:4 weight), prunekit 2:4
+Layer rows (op "linear_cpu"): dense F.linear, dense nn.Linear (the module a sparse layer replaces: F.linear plus the
+nn.Module call, ~2 us), torch CSR (torch.sparse.mm on the 2:4 weight), prunekit 2:4
 (the C++ kernel), prunekit 2:4 layer (SparseLinear with its kernel-vs-dense route), prunekit unstructured
 (bitmask kernel) at 70/80/90% and its routed layer at 80%. For M <= 4 every provider cycles through enough
 copies of its weight to exceed 2x the L3 (decode reads weights from memory, not cache). `vs_dense` = dense
-time / provider time (same run). End to end (op "decode_cpu", "minilm_cpu"): greedy decode tokens/s of a
+time / provider time (same run); the routed layers also get `vs_dense_layer` (nn.Linear time / layer time). End to end (op "decode_cpu", "minilm_cpu"): greedy decode tokens/s of a
 Llama-shaped model with random weights (dense vs 2:4 vs 80% unstructured, same pruned weights, tokens
 compared) and all-MiniLM-L6-v2 sentences/s (dense vs 2:4, embeddings compared with the pruned dense model).
 
@@ -92,6 +93,7 @@ class Case:
         self.wu = {s: [prune_rows(W, s) for W in base] for s in UNSTRUCTURED}
         self.pu = {s: [(v, m, bitmask.row_offsets(m)) for v, m in (bitmask.pack(W) for W in ws)]
                    for s, ws in self.wu.items()}
+        self.linear = [self._linear(W) for W in base]  # the nn.Linear a sparse layer replaces (same tensors)
         self.layer24 = [SparseLinear.from_packed(v, m) for v, m in self.p24]
         self.layeru = [UnstructuredSparseLinear.from_dense(self._linear(W)) for W in self.wu[0.8]]
 
@@ -103,7 +105,8 @@ class Case:
     def providers(self, x) -> dict:
         def each(fn, items):
             return lambda: [fn(item) for item in items]
-        p = {"dense": each(lambda W: F.linear(x, W), self.dense)}
+        p = {"dense": each(lambda W: F.linear(x, W), self.dense),
+             "dense_layer": each(lambda lin: lin(x), self.linear)}
         if self.csr:
             xt = x.t().contiguous()
             p["torch_csr"] = each(lambda W: torch.sparse.mm(W, xt), self.csr)
@@ -126,7 +129,7 @@ class Case:
 
     def bytes_of(self, name: str) -> float:
         el = torch.empty(0, dtype=self.dtype).element_size()
-        if name == "dense":
+        if name in ("dense", "dense_layer"):
             return self.n * self.k * el
         if name.startswith("prunekit_24"):
             v, m = self.p24[0]
@@ -163,13 +166,15 @@ def bench_layers(run: dict, args, rows: list[dict], out: Path) -> None:
                     copies = len(case.dense)
                     samples = interleaved(case.providers(x), args.reps, args.min_s)
                     dense_t = statistics.median(samples["dense"]) / copies
+                    linear_t = statistics.median(samples["dense_layer"]) / copies
                     for name, s in samples.items():
                         t = timing(s, copies)
                         extras = {"threads": threads, "copies": copies, "vs_dense": dense_t / (t["time_us"] * 1e-6),
                                   "weight_bytes_vs_dense": case.bytes_of(name) / dense_bytes}
                         if name in errs:
                             extras["rel_err"] = errs[name]
-                        if name.endswith("_layer"):
+                        if name.endswith("_layer") and name != "dense_layer":
+                            extras["vs_dense_layer"] = linear_t / (t["time_us"] * 1e-6)
                             layer = (case.layer24 if "24" in name else case.layeru)[0]
                             key = sparse_cpu_route.key("2:4" if "24" in name else "bitmask", n, k, dtype, False, M)
                             extras["route"] = ("dense layer" if layer.is_dense else "packed" if

@@ -5,7 +5,7 @@ import json
 import torch
 
 from prunekit import cli, selftest, selftest_cases
-from prunekit.ops import selfcheck
+from prunekit.ops import selfcheck, sparse_cpu
 
 
 def test_cpu_grid_has_every_route_and_no_silent_skip():
@@ -15,8 +15,32 @@ def test_cpu_grid_has_every_route_and_no_silent_skip():
         assert (op, "c++") in routes and (op, "triton") in routes, op
     assert ("act_norm_sq_update", "triton") in routes and ("sparse24_linear", "dense") in routes
     skipped = {(c.op, c.route) for c in cases if c.run is None}
-    assert skipped == {("hessian_update", "tensor_core")}  # CUDA only, and said so
+    unsupported = {("sparse_cpu_linear", f"c++ {isa}") for isa in selftest_cases.CPU_ISAS
+                   if not sparse_cpu.isa_supported(isa)}  # an ISA this CPU lacks, and said so
+    assert skipped == {("hessian_update", "tensor_core")} | unsupported  # CUDA only, and said so
     assert all(c.why for c in cases if c.run is None)
+
+
+def test_cpu_grid_covers_every_sparse_cpu_path():
+    """Each ISA path of the CPU sparse kernels, both formats, three dtypes, the M of each kernel variant."""
+    cases = [c for c in selftest_cases.all_cases(torch.device("cpu")) if c.op == "sparse_cpu_linear"]
+    combos = {(c.route, c.shape.split()[0], c.shape.split()[-1], c.dtype) for c in cases}
+    assert len(combos) == len(cases) == len(selftest_cases.CPU_ISAS) * len(selftest_cases.CPU_MS) * 2 * 3
+    runnable = [c for c in cases if c.run is not None]
+    assert {c.route for c in runnable} == {f"c++ {isa}" for isa in selftest_cases.CPU_ISAS
+                                           if sparse_cpu.isa_supported(isa)}
+    for case in runnable[::7]:
+        selftest.execute(case, torch.device("cpu"))
+        assert case.result["status"] == "pass", case.result
+
+
+def test_cpu_sparse_case_catches_a_wrong_kernel(monkeypatch):
+    case = next(c for c in selftest_cases.all_cases(torch.device("cpu"))
+                if c.op == "sparse_cpu_linear" and c.run is not None and c.dtype == "fp32")
+    good = case.run()
+    case.run = lambda: good * (1 + 1e-4)  # a 1e-4 relative error: inside bf16's tolerance, not fp32's
+    selftest.execute(case, torch.device("cpu"))
+    assert case.result["status"] == "fail"
 
 
 def test_broken_kernel_fails_the_run_with_table_and_json(tmp_path, monkeypatch, capsys):

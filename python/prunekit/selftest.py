@@ -2,8 +2,9 @@
 (odd sizes, tails, ties, all-zero groups) against its PyTorch reference.
 
 The routes are called directly, not through the first-use self-checks of ops/selfcheck.py (whose fallback
-would hide a broken kernel). CPU: the C++ kernels and the Triton kernels under the interpreter
-(TRITON_INTERPRET=1, set here before Triton is imported). CUDA: the CUDA kernels (OBS sweep, 2:4 decode,
+would hide a broken kernel). CPU: the C++ kernels (the sparse linear kernels on every ISA path this CPU
+runs: scalar, AVX2, AVX-512, AVX-512 BF16) and the Triton kernels under the interpreter (TRITON_INTERPRET=1,
+set here before Triton is imported). CUDA: the CUDA kernels (OBS sweep, 2:4 decode,
 sm90 GEMM), the Triton kernels, the tensor-core Hessian and the dense 2:4 route. Prints a table (op,
 route, shape, dtype, pass/fail/skip, max error, time vs the reference) and optionally writes it as JSON
 with prunekit.backends(): the first thing to run on a new GPU, and what a bug report attaches. Exit status

@@ -52,7 +52,7 @@ def _skip_or(why: str, fn):
 
 def all_cases(device) -> list[Case]:
     cases: list[Case] = []
-    for build in (_pack_cases, _select_cases, _calib_cases, _sweep_cases, _linear_cases):
+    for build in (_pack_cases, _select_cases, _calib_cases, _sweep_cases, _linear_cases, _cpu_sparse_cases):
         cases += build(device)
     return cases
 
@@ -231,6 +231,67 @@ def _linear_cases(device) -> list[Case]:
         if device.type == "cuda":
             cases += _kernel_cases(x, values, meta, bias, label, reference, compare)
     return cases
+
+
+# ---- the CPU sparse linear kernels (ops/sparse_cpu.py), every ISA path this CPU runs ----
+
+CPU_ISAS = ("scalar", "avx2", "avx512", "avx512bf16")
+CPU_MS = (1, 3, 17, 70)  # the M = 1 kernel, the few-token kernel, the tile kernels (bf16: its own), M > 64
+
+
+def _cpu_sparse_cases(device) -> list[Case]:
+    """2:4 and bitmask (80% unstructured, with empty and full rows) weights, fp32/bf16/fp16, on odd shapes, per
+    ISA: the paths a user's CPU takes (AVX2-only CPUs never run the AVX-512 code tested in CI, and vice versa).
+    Tolerance per output feature, relative to |y| + |x|·|w|: 1e-5 in fp32, 1e-2 in bf16/fp16."""
+    import torch.nn.functional as F
+
+    from .ops import sparse_cpu
+    from .ref import bitmask
+    from .ref import pack24 as ref_pack
+
+    if device.type != "cpu":
+        return []
+    if not sparse_cpu.available():
+        return [Case("sparse_cpu_linear", "c++", "-", "-", None, lambda: None, selfcheck.exact,
+                     "prunekit._C has no sparse_linear_cpu (prunekit backends says why)")]
+    cases = []
+    N, K = 37, 136
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        W24 = _sparse24(N, K, dtype, device, seed=K)
+        g = _gen(N)
+        Wu = (torch.randn(N, K, generator=g) * (torch.rand(N, K, generator=g) >= 0.8)).to(dtype)
+        Wu[3] = 0
+        Wu[4] = torch.randn(K, generator=g).to(dtype)
+        v24, m24 = ref_pack.pack24(W24)
+        vu, mu = bitmask.pack(Wu)
+        ru = bitmask.row_offsets(mu)
+        bias = torch.randn(N, generator=g).to(dtype)
+        s24 = lambda x, isa, v=v24, m=m24, b=bias: sparse_cpu.s24_linear(x, v, m, b, isa=isa)  # noqa: E731
+        bm = lambda x, isa, v=vu, m=mu, r=ru, b=bias: sparse_cpu.bitmask_linear(x, v, m, r, b, isa=isa)  # noqa: E731
+        for fmt, W, run in (("2:4", W24, s24), ("u80", Wu, bm)):
+            for M in CPU_MS:
+                x = torch.randn(M, K, generator=_gen(M)).to(dtype)
+                compare = _cpu_compare(x, W, tol)
+                reference = lambda x=x, W=W, b=bias: F.linear(x.float(), W.float(), b.float())  # noqa: E731
+                for isa in CPU_ISAS:
+                    why = "" if sparse_cpu.isa_supported(isa) else f"this CPU has no {isa}"
+                    cases.append(Case("sparse_cpu_linear", f"c++ {isa}", f"M={M} {N}x{K} {fmt}", _DTYPES[dtype],
+                                      _skip_or(why, lambda x=x, r=run, i=isa: r(x, i).float()), reference, compare,
+                                      why))
+    return cases
+
+
+def _cpu_compare(x, W, tol):
+    from .ops import sparse24_dispatch
+
+    compare = sparse24_dispatch._compare(x, W)
+
+    def within(got, expected):
+        err, _ = compare(got, expected)
+        return err, f"max per-feature rel err {err:.3g} (tolerance {tol:g})"
+    within.tolerance = tol
+    return within
 
 
 def _linear_compare(x, W):

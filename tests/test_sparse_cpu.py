@@ -56,6 +56,25 @@ def test_sparse24_matches_reference(isa, dtype, gen):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+def test_sparse24_bf16_every_m(isa, gen):
+    """bf16 2:4 at every M from 2 to 17 and around the token blocks (the avx512bf16 path's row-panel kernel:
+    16 tokens in registers, more in blocks of 8 and passes of 64), with and without bias; N: partial 16-row
+    panels; K: whole 32-input chunks (256) and a chunk tail (40: 2 groups, 1048: 6 groups)."""
+    need(isa)
+    for n, k in ((5, 40), (35, 256), (16, 1048)):
+        W = weight_24(n, k, gen, torch.bfloat16)
+        values, meta = torch.ops.prunekit.pack24(W)
+        bias = torch.randn(n, generator=gen).to(torch.bfloat16)
+        for M in list(range(2, 18)) + [24, 33, 64, 65, 129, 300]:
+            x = torch.randn(M, k, generator=gen).to(torch.bfloat16)
+            for b in (bias, None):
+                ref = F.linear(x.double(), W.double(), None if b is None else b.double())
+                y = sparse_cpu.s24_linear(x, values, meta, b, isa=isa)
+                assert y.dtype == torch.bfloat16 and y.shape == (M, n)
+                assert rel_err(y, ref) < TOL[torch.bfloat16], (isa, n, k, M, b is None)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_bitmask_matches_reference(isa, dtype, gen):
     need(isa)

@@ -91,7 +91,7 @@ using Kernel = void (*)(const CpuKernelArgs&);
 struct IsaKernels {
   Kernel s24_gemv, s24_gemm, bm_gemv, bm_gemm;
   Kernel s24_few = nullptr;        // 2:4, 2 <= M <= kFewMax, row-major x and y
-  Kernel s24_gemm_bf16 = nullptr;  // bf16 weights, M > 1, x laid out by the kernel itself (from x_raw)
+  Kernel s24_rows_bf16 = nullptr;  // 2:4, bf16, M >= 2: x_raw in, y_raw out (bias added by the kernel)
 };
 
 // Measured (1 thread, 4096x4096): the few-token kernel beat the tile kernels at M = 2 and 4, lost from M = 8.
@@ -102,7 +102,7 @@ IsaKernels kernels_for(CpuIsa isa) {
 #ifdef PRUNEKIT_CPU_X86_ISA
     case CpuIsa::kAvx512Bf16:
       return {avx512bf16::s24_gemv, avx512bf16::s24_gemm, avx512bf16::bm_gemv, avx512bf16::bm_gemm,
-              avx512bf16::s24_few, avx512bf16::s24_gemm_bf16};
+              avx512bf16::s24_few, avx512bf16::s24_rows_bf16};
     case CpuIsa::kAvx512:
       return {avx512::s24_gemv, avx512::s24_gemm, avx512::bm_gemv, avx512::bm_gemm, avx512::s24_few};
     case CpuIsa::kAvx2: return {avx2::s24_gemv, avx2::s24_gemm, avx2::bm_gemv, avx2::bm_gemm};
@@ -179,6 +179,15 @@ Status sparse_linear_cpu(const CpuSparseLinearParams& p) {
   a.dtype = dt;
   a.threads = threads;
 
+  // 2:4, bf16, M >= 2 where the ISA has the vdpbf16ps kernel: it reads x and writes y (and the bias) itself.
+  if (!bm && dt == DType::kBFloat16 && kern.s24_rows_bf16 != nullptr && M >= 2) {
+    a.x_raw = p.x;
+    a.y_raw = p.y;
+    a.bias = p.bias;
+    kern.s24_rows_bf16(a);
+    return Status::kOk;
+  }
+
   // M == 1, and 2:4 at 2 <= M <= kFewMax where the ISA has the few-token kernel: x and y stay row-major
   // ([M, K] and [M, N], fp32), the weights are read once for all tokens.
   const bool few = !bm && M >= 2 && M <= kFewMax && kern.s24_few != nullptr;
@@ -208,26 +217,17 @@ Status sparse_linear_cpu(const CpuSparseLinearParams& p) {
     return Status::kOk;
   }
 
-  // M > 1: x transposed to tokens-contiguous fp32 tiles (transpose_x), or laid out by the kernel; yT [N, ld].
+  // M > 1: x transposed to tokens-contiguous fp32 tiles (transpose_x); yT [N, ld].
   const int width = cpu_isa_token_width(isa);
   const std::int64_t ld = (M + width - 1) / width * width;
   const std::int64_t tile = width == 1 ? ld : 4 * width;
-  const bool own_layout = !bm && dt == DType::kBFloat16 && kern.s24_gemm_bf16 != nullptr;
-  // own_layout: the kernel's pair-interleaved x (6 pairs of 2 bf16 per group of 4 inputs = 1.5 floats per input)
-  Buffer xT = alloc_floats(own_layout ? K * ld / 2 * 3 : K * ld), yT = alloc_floats(N * ld);
+  Buffer xT = alloc_floats(K * ld), yT = alloc_floats(N * ld);
   if (!xT || !yT) return Status::kInvalidArgument;
-  float* xt = xT.get();
-  a.x_raw = p.x;
+  transpose_x(p.x, dt, M, K, ld, tile, threads, xT.get());
+  a.x = xT.get();
   a.ld = ld;
   a.y = yT.get();
-  if (own_layout) {
-    a.work = xt;
-    kern.s24_gemm_bf16(a);
-  } else {
-    transpose_x(p.x, dt, M, K, ld, tile, threads, xt);
-    a.x = xt;
-    (bm ? kern.bm_gemm : kern.s24_gemm)(a);
-  }
+  (bm ? kern.bm_gemm : kern.s24_gemm)(a);
   const float* yt = yT.get();
   constexpr std::int64_t kTile = 64;
 #pragma omp parallel for schedule(static) num_threads(threads)

@@ -46,9 +46,10 @@ Status sparse_linear_cpu(const CpuSparseLinearParams& p);
 // M > 1 -> yT [N, ld]. Values/meta as in the params. ----
 struct CpuKernelArgs {
   const float* x = nullptr;
-  const void* x_raw = nullptr;  // x [M, K] as the caller gave it (kernels that lay x out themselves)
-  float* work = nullptr;        // their scratch (s24_gemm_bf16: ld * K * 3 / 2 floats, 64-byte aligned)
+  const void* x_raw = nullptr;  // x [M, K] as the caller gave it (kernels that read it themselves)
   float* y = nullptr;
+  void* y_raw = nullptr;         // y [M, N] in the caller's dtype (kernels that finish the output themselves)
+  const void* bias = nullptr;    // bias [N] in the caller's dtype, or null (those kernels add it)
   const void* values = nullptr;
   const std::uint8_t* meta = nullptr;
   const std::int64_t* row_offsets = nullptr;
@@ -83,8 +84,8 @@ void s24_gemm(const CpuKernelArgs& a);
 void s24_few(const CpuKernelArgs& a);
 void bm_gemv(const CpuKernelArgs& a);
 void bm_gemm(const CpuKernelArgs& a);
-// bf16 weights, M > 1: reads x_raw (bf16 [M, K]) instead of x; writes yT [N, ld], ld = M rounded up to 16.
-void s24_gemm_bf16(const CpuKernelArgs& a);
+// bf16 weights, M >= 2, 16 output rows per vector: reads x_raw, writes y_raw (bf16 [M, N]) + bias itself.
+void s24_rows_bf16(const CpuKernelArgs& a);
 }  // namespace avx512bf16
 
 // Token width (floats) of the xT/yT layout each path wants (ld is M rounded up to it).

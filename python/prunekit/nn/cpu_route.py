@@ -1,6 +1,6 @@
 """The CPU side of the sparse layers (SparseLinear, UnstructuredSparseLinear): before a CPU forward the layer asks
 ops/sparse_cpu_route.py (`layer_plan`) how to run. The layer's form follows its decode bucket (M = 1 unless
-PRUNEKIT_SPARSE_CPU_DECODE_M says otherwise): where the sparse kernel beats dense F.linear there, the layer holds
+PRUNEKIT_SPARSE_CPU_DECODE_M or the layer's `serve_m` says otherwise): where the sparse kernel beats dense F.linear there, the layer holds
 only its packed weight and runs the kernel, except at an M where dense on a transient unpacked copy is faster
 (a long prompt); where dense wins the decode bucket, the layer unpacks itself for good: the dense weight becomes
 its only copy (memory <= the nn.Linear it replaced) and the forward is F.linear.
@@ -25,6 +25,7 @@ class CpuRouted:
     FORMAT = ""
     _PACKED = ("values", "meta")
     _RESIZABLE: tuple[str, ...] = ()  # packed tensors whose size depends on the data (not just the shape)
+    serve_m: int | None = None  # the M whose winner decides the layer's form (None: PRUNEKIT_SPARSE_CPU_DECODE_M or 1)
 
     # ---- hooks the layer implements ----
     def _unpacked(self) -> torch.Tensor:  # the dense [out, in] weight from the packed form
@@ -77,7 +78,7 @@ class CpuRouted:
             return None
         M = x.numel() // self.in_features
         plans = self.__dict__.setdefault("_route_plans", {})
-        plan_key = (route.bucket(M) if M else 0, values.dtype, ctx)
+        plan_key = (route.bucket(M) if M else 0, values.dtype, ctx, self.__dict__.get("serve_m"))
         plan = plans.get(plan_key)
         if plan is None:
             plan = self._plan(x)
@@ -94,12 +95,13 @@ class CpuRouted:
 
     def _plan(self, x: torch.Tensor) -> str:
         bias = None if self.bias is None else self.bias.detach()
+        form_m = self.__dict__.get("serve_m") or route.decode_m()
         args = (self.FORMAT, self.out_features, self.in_features, self.values.dtype, bias is not None)
-        if route.layer_dense(*args):
+        if route.layer_dense(*args, form_m=form_m):
             return "dense"
         values = self.values.detach()  # timed as the hot path runs it (no per-call checks)
         return route.layer_plan(self.FORMAT, x.reshape(-1, self.in_features), self.out_features, bias is not None,
-                                lambda probe: self._kernel_call(probe, values), self._unpacked, bias)
+                                lambda probe: self._kernel_call(probe, values), self._unpacked, bias, form_m=form_m)
 
     def unpack_(self) -> None:
         """Becomes a dense layer: the dense weight replaces the packed form (one copy)."""

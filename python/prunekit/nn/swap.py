@@ -92,7 +92,7 @@ def _unstructured(module: nn.Module, name: str, min_sparsity: float) -> tuple[nn
 
 
 def sparsify(model: nn.Module, *, include=None, exclude=None, unstructured: bool = False,
-             min_sparsity: float = 0.6) -> SwapReport:
+             min_sparsity: float = 0.6, serve_m: int | None = None) -> SwapReport:
     """Swap each nn.Linear whose weight is exactly 2:4 (per row, at most 2 nonzeros in every 4 consecutive
     inputs) for SparseLinear; transformers' Conv1D layers (GPT-2) too, their [in, out] weight read as
     nn.Linear's [out, in]. A layer carrying torch.nn.utils.prune's reparametrization is packed from its
@@ -101,7 +101,12 @@ def sparsify(model: nn.Module, *, include=None, exclude=None, unstructured: bool
     expression — see prunekit.patterns).
     unstructured=True: a plain nn.Linear that is not 2:4 but has at least `min_sparsity` zeros becomes an
     UnstructuredSparseLinear (bitmask format, for 70-90% Wanda/SparseGPT models; on CPU it runs its sparse
-    kernel where that beats dense and otherwise turns dense, nn/cpu_route.py)."""
+    kernel where that beats dense and otherwise turns dense, nn/cpu_route.py).
+    serve_m: on the CPU, the tokens per call this model mostly runs (an encoder's batch x sequence length, the
+    batch of decoding): each swapped layer keeps the form (packed or dense) that wins at that M. Default: the
+    decode bucket, PRUNEKIT_SPARSE_CPU_DECODE_M or 1."""
+    if serve_m is not None and (isinstance(serve_m, bool) or not isinstance(serve_m, int) or serve_m < 1):
+        raise ValueError(f"sparsify: serve_m must be a positive integer (tokens per call), got {serve_m!r}")
     report = SwapReport()
     shared = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)]
@@ -119,6 +124,8 @@ def sparsify(model: nn.Module, *, include=None, exclude=None, unstructured: bool
         if why is not None:
             report.skipped[name] = why
             continue
+        if serve_m is not None:
+            sparse.serve_m = serve_m
         _set_submodule(model, name, sparse)
         report.swapped.append(name)
     if report.swapped:

@@ -88,9 +88,10 @@ def key(fmt: str, N: int, K: int, dtype: torch.dtype, has_bias: bool, M: int) ->
     return (fmt, N, K, dtype, has_bias, bucket(M), torch.get_num_threads())
 
 
-def layer_dense(fmt: str, N: int, K: int, dtype: torch.dtype, has_bias: bool) -> bool:
-    """Whether dense won this layer shape's decode bucket (at the current thread count): the layer goes dense."""
-    return _choices.get(key(fmt, N, K, dtype, has_bias, decode_m())) == "dense"
+def layer_dense(fmt: str, N: int, K: int, dtype: torch.dtype, has_bias: bool, form_m: int | None = None) -> bool:
+    """Whether dense won this layer shape's decode bucket (`form_m`, default decode_m(); at the current thread
+    count): the layer goes dense."""
+    return _choices.get(key(fmt, N, K, dtype, has_bias, form_m or decode_m())) == "dense"
 
 
 def interleaved_samples(fns: dict[str, Callable[[], object]], min_reps: int = 5, max_reps: int | None = 15,
@@ -180,12 +181,12 @@ def unpack_seconds(fmt: str, N: int, K: int, dtype: torch.dtype, dense_weight: C
 
 
 def layer_plan(fmt: str, x2d: torch.Tensor, N: int, has_bias: bool, sparse_fn: Callable[[torch.Tensor], object],
-               dense_weight: Callable[[], torch.Tensor], bias: torch.Tensor | None) -> str:
-    """For a layer holding one copy of its weight (module docstring): 'dense' (dense won the decode bucket: the
-    layer turns dense), 'sparse' (the kernel, for this call) or 'unpack' (this call: dense F.linear on a
-    transient unpacked weight beats the kernel)."""
+               dense_weight: Callable[[], torch.Tensor], bias: torch.Tensor | None, form_m: int | None = None) -> str:
+    """For a layer holding one copy of its weight (module docstring): 'dense' (dense won the decode bucket
+    `form_m`, default decode_m(): the layer turns dense), 'sparse' (the kernel, for this call) or 'unpack' (this
+    call: dense F.linear on a transient unpacked weight beats the kernel)."""
     M, K = x2d.shape
-    dm = decode_m()
+    dm = form_m or decode_m()
     if decide(fmt, x2d.new_empty(dm, K), N, has_bias, sparse_fn, dense_weight, bias) == "dense":
         return "dense"
     if M == 0 or bucket(M) == bucket(dm) or decide(fmt, x2d, N, has_bias, sparse_fn, dense_weight, bias) == "sparse":

@@ -8,7 +8,8 @@ nn.Module call, ~2 us), torch CSR (torch.sparse.mm on the 2:4 weight), prunekit 
 copies of its weight to exceed 2x the L3 (decode reads weights from memory, not cache). `vs_dense` = dense
 time / provider time (same run); the routed layers also get `vs_dense_layer` (nn.Linear time / layer time). End to end (op "decode_cpu", "minilm_cpu"): greedy decode tokens/s of a
 Llama-shaped model with random weights (dense vs 2:4 vs 80% unstructured, same pruned weights, tokens
-compared) and all-MiniLM-L6-v2 sentences/s (dense vs 2:4, embeddings compared with the pruned dense model).
+compared) and all-MiniLM-L6-v2 sentences/s (dense vs 2:4 with the default form bucket M = 1 vs 2:4 sparsified with
+serve_m = the batch's tokens; embeddings compared with the pruned dense model).
 
     python bench/bench_cpu.py [--quick] [--out DIR]
 """
@@ -285,6 +286,9 @@ def bench_minilm(run: dict, args, rows: list[dict], out: Path) -> None:
     prune_blocks(pruned, prune_24)
     sparse = copy.deepcopy(pruned)
     pk.sparsify(sparse, include="*encoder*")
+    tokens = int(batch["attention_mask"].numel())
+    served = copy.deepcopy(pruned)  # the form follows this batch's M, not the decode bucket (M = 1)
+    pk.sparsify(served, include="*encoder*", serve_m=tokens)
 
     def embed(m):
         with torch.inference_mode():
@@ -292,17 +296,19 @@ def bench_minilm(run: dict, args, rows: list[dict], out: Path) -> None:
             w = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
             return F.normalize((h * w).sum(1) / w.sum(1), dim=-1)
 
-    e_pruned, e_sparse = embed(pruned), embed(sparse)
-    samples = interleaved({"dense": lambda: embed(dense), "prunekit_24": lambda: embed(sparse)}, args.e2e_reps)
+    e_pruned, models = embed(pruned), {"prunekit_24": sparse, "prunekit_24_serve_m": served}
+    outputs = {label: embed(m) for label, m in models.items()}
+    samples = interleaved({"dense": lambda: embed(dense), **{label: (lambda m=m: embed(m)) for label, m in models.items()}},
+                          args.e2e_reps)
     dense_s = statistics.median(samples["dense"])
     for label, s in samples.items():
         t = common.summarize([v * 1e3 for v in s], "ms")
         extras = {"sentences_per_s": len(sentences) / (t["time_ms"] * 1e-3), "vs_dense": dense_s / (t["time_ms"] * 1e-3),
-                  "tokens": int(batch["attention_mask"].numel()), "threads": torch.get_num_threads()}
-        if label == "prunekit_24":
-            extras["cos_vs_pruned_dense"] = float((e_sparse * e_pruned).sum(-1).min())
-            extras["dense_layers"] = sum(1 for mod in sparse.modules() if getattr(mod, "is_dense", False))
-            extras["sparse_layers"] = sum(1 for mod in sparse.modules() if isinstance(mod, SparseLinear))
+                  "tokens": tokens, "threads": torch.get_num_threads()}
+        if label in models:
+            extras["cos_vs_pruned_dense"] = float((outputs[label] * e_pruned).sum(-1).min())
+            extras["dense_layers"] = sum(1 for mod in models[label].modules() if getattr(mod, "is_dense", False))
+            extras["sparse_layers"] = sum(1 for mod in models[label].modules() if isinstance(mod, SparseLinear))
         rows.append(common.row(run, "minilm_cpu", label, shape=f"{len(sentences)} sentences", dtype=torch.float32,
                                timing=t, **extras))
         print(f"minilm {label}: {extras['sentences_per_s']:.1f} sentences/s ({extras['vs_dense']:.2f}x)", flush=True)

@@ -338,9 +338,10 @@ def test_cached_plan_runs_the_unchecked_kernel_and_follows_new_measurements(gen,
 
 
 def test_serve_m_decides_the_form_per_model(gen, monkeypatch):
-    """pk.sparsify(model, serve_m=...): an encoder run at 256+ tokens per call keeps the form that wins there,
+    """pk.sparsify(model, serve_m=...): an encoder run at 300 tokens per call keeps the form that wins there,
     whatever wins at M = 1 (and the env's decode bucket does not override the model's own setting)."""
-    seen = fake_route(monkeypatch, {1: (1.0, 0.5), 256: (0.5, 1.0)})  # kernel wins decode, dense wins M = 256
+    big = route.bucket(300)
+    seen = fake_route(monkeypatch, {1: (1.0, 0.5), big: (0.5, 1.0)})  # kernel wins decode, dense wins M = 300
     model = nn.Sequential(linear_24(32, 64, gen), nn.ReLU(), linear_24(16, 32, gen))
     dense = [model[0].weight.clone(), model[2].weight.clone()]
     report = pk.sparsify(model, serve_m=300)
@@ -348,7 +349,7 @@ def test_serve_m_decides_the_form_per_model(gen, monkeypatch):
     x = torch.randn(1, 64, generator=gen)  # even an M = 1 call: the form follows M = 300's bucket
     ref = F.linear(F.relu(F.linear(x, dense[0], model[0].bias)), dense[1], model[2].bias)
     torch.testing.assert_close(model(x), ref)
-    assert model[0].is_dense and model[2].is_dense and 256 in seen
+    assert model[0].is_dense and model[2].is_dense and big in seen
     other = SparseLinear.from_dense(linear_24(32, 64, gen))  # the default: decode bucket M = 1 -> packed
     other(x)
     assert not other.is_dense

@@ -181,6 +181,9 @@ Status sparse_linear_cpu(const CpuSparseLinearParams& p) {
 
   // 2:4, bf16, M >= 2 where the ISA has the vdpbf16ps kernel: it reads x and writes y (and the bias) itself.
   if (!bm && dt == DType::kBFloat16 && kern.s24_rows_bf16 != nullptr && M >= 2) {
+    Buffer work = alloc_floats(16 * M * ((K + 31) / 32));
+    if (!work) return Status::kInvalidArgument;
+    a.work = work.get();
     a.x_raw = p.x;
     a.y_raw = p.y;
     a.bias = p.bias;

@@ -47,6 +47,7 @@ Status sparse_linear_cpu(const CpuSparseLinearParams& p);
 struct CpuKernelArgs {
   const float* x = nullptr;
   const void* x_raw = nullptr;  // x [M, K] as the caller gave it (kernels that read it themselves)
+  void* work = nullptr;          // scratch (s24_rows_bf16: 64 * M * ceil(K / 32) bytes, 64-byte aligned)
   float* y = nullptr;
   void* y_raw = nullptr;         // y [M, N] in the caller's dtype (kernels that finish the output themselves)
   const void* bias = nullptr;    // bias [N] in the caller's dtype, or null (those kernels add it)

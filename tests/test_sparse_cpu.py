@@ -58,8 +58,8 @@ def test_sparse24_matches_reference(isa, dtype, gen):
 @pytest.mark.parametrize("isa", ISAS)
 def test_sparse24_bf16_every_m(isa, gen):
     """bf16 2:4 at every M from 2 to 17 and around the token blocks (the avx512bf16 path's row-panel kernel:
-    16 tokens in registers, more in blocks of 8 and passes of 64), with and without bias; N: partial 16-row
-    panels; K: whole 32-input chunks (256) and a chunk tail (40: 2 groups, 1048: 6 groups)."""
+    up to 16 tokens in registers, more in blocks of 16 and passes of 64), with and without bias; N: partial
+    8-row panels; K: whole 32-input chunks (256) and a chunk tail (40: 2 groups, 1048: 6 groups)."""
     need(isa)
     for n, k in ((5, 40), (35, 256), (16, 1048)):
         W = weight_24(n, k, gen, torch.bfloat16)

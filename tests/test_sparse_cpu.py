@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from prunekit.ops import bitmask_linear as bitmask_ops  # noqa: F401  (registers prunekit::bitmask_unpack)
 from prunekit.ops import pack24 as pack_ops  # noqa: F401  (registers prunekit::pack24)
 from prunekit.ops import sparse_cpu
 from prunekit.ref import bitmask, selection
@@ -138,6 +139,35 @@ def test_bitmask_packing_is_exact(gen):
         for r, c in ((0, 0), (16, 47), (5, 9)):
             assert bool((int(mask[r, c // 8]) >> (c % 8)) & 1) == bool(keep[r, c])
         assert torch.equal(bitmask.unpack(values, mask), torch.where(keep, W, torch.zeros_like(W)))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bitmask_unpack_is_exact(isa, dtype, gen):
+    """The C++ unpack (AVX-512 vpexpandd, portable loop) equals ref/bitmask.unpack bit for bit: odd shapes, a
+    K tail of 8, empty and full rows and words, every sparsity, all-zero and all-kept weights."""
+    need(isa)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    for (n, k), sparsity in zip([(13, 40), (21, 1032), (9, 8), (11, 200), (5, 24), (3, 16), (4, 64)],
+                                (0.8, 0.9, 0.5, 0.3, 0.0, 1.0, 0.95)):
+        W = weight_unstructured(n, k, gen, dtype, sparsity)
+        if n > 4:
+            W[1] = 0
+            W[-1, :k // 2] = -1.5
+        values, mask = bitmask.pack(W)
+        y = sparse_cpu.bitmask_unpack(values, mask, isa=isa)
+        assert y.dtype == dtype and y.shape == (n, k)
+        assert torch.equal(y.view(bits), bitmask.unpack(values, mask).view(bits)), (isa, dtype, n, k)
+    with pytest.raises(ValueError, match="padding"):
+        sparse_cpu.bitmask_unpack(values[:-1], mask, isa=isa)
+
+
+def test_bitmask_unpack_op(gen):
+    W = weight_unstructured(24, 72, gen, torch.float32, 0.8)
+    values, mask = bitmask.pack(W)
+    assert torch.equal(torch.ops.prunekit.bitmask_unpack(values, mask), W)
+    torch.library.opcheck(torch.ops.prunekit.bitmask_unpack, (values, mask))
+    torch.library.opcheck(torch.ops.prunekit.bitmask_unpack, (values.bfloat16(), mask))
 
 
 def test_bad_input_is_named(gen):

@@ -71,7 +71,7 @@ class UnstructuredSparseLinear(CpuRouted, nn.Module):
 
     # ---- CPU route hooks (nn/cpu_route.py) ----
     def _unpacked(self) -> torch.Tensor:
-        return ref.unpack(self.values.detach(), self.mask)
+        return torch.ops.prunekit.bitmask_unpack(self.values.detach(), self.mask)
 
     def _sparse_call(self, x: torch.Tensor) -> torch.Tensor:
         return sparse_cpu.bitmask_linear(x, self.values.detach(), self.mask, self.row_offsets,

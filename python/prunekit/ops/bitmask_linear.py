@@ -1,7 +1,8 @@
-"""Custom op `prunekit::bitmask_linear(x, values, mask, row_offsets, bias?) -> y`: y = x @ W.T + bias with W in
-the bitmask format for unstructured sparsity (ref/bitmask.py). CPU: the C++ SIMD kernel or dense F.linear,
-chosen per (shape, dtype, M bucket) by a one-time timing (ops/sparse_cpu_route.py). Other devices: the
-reference (unpack + F.linear). Inference only (no autograd formula).
+"""Custom ops `prunekit::bitmask_linear(x, values, mask, row_offsets, bias?) -> y`: y = x @ W.T + bias with W in
+the bitmask format for unstructured sparsity (ref/bitmask.py), and `prunekit::bitmask_unpack(values, mask) -> W`
+(the dense weight, bit for bit the reference's). CPU: the C++ SIMD kernel or dense F.linear (on the C++
+unpack), chosen per (shape, dtype, M bucket) by a one-time timing (ops/sparse_cpu_route.py). Other devices:
+the reference (unpack + F.linear). Inference only (no autograd formula).
 """
 from __future__ import annotations
 
@@ -40,6 +41,27 @@ def _(x, values, mask, row_offsets, bias=None):
     return x.new_empty(*x.shape[:-1], mask.shape[0])
 
 
+@torch.library.custom_op("prunekit::bitmask_unpack", mutates_args=())
+def bitmask_unpack(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return ref.unpack(values, mask)
+
+
+@bitmask_unpack.register_fake
+def _(values, mask):
+    return values.new_empty(mask.shape[0], 8 * mask.shape[1])
+
+
+@bitmask_unpack.register_kernel("cpu")
+def _(values, mask):
+    if values.dtype not in sparse_cpu.DTYPES or not sparse_cpu.available():
+        return ref.unpack(values, mask)
+    return sparse_cpu.bitmask_unpack(values, mask)
+
+
+def _dense_linear(x, values, mask, bias):
+    return torch.nn.functional.linear(x, bitmask_unpack(values, mask), bias)
+
+
 @bitmask_linear.register_kernel("cpu")
 def _(x, values, mask, row_offsets, bias=None):
     check_inputs(x, values, mask, row_offsets, bias)
@@ -48,7 +70,7 @@ def _(x, values, mask, row_offsets, bias=None):
         return ref.linear(x, values, mask, bias)
     choice = sparse_cpu_route.decide("bitmask", x.reshape(-1, K), N, bias is not None,
                                      lambda p: sparse_cpu.bitmask_linear(p, values, mask, row_offsets, bias),
-                                     lambda: ref.unpack(values, mask), bias)
+                                     lambda: bitmask_unpack(values, mask), bias)
     if choice == "dense":
-        return ref.linear(x, values, mask, bias)
+        return _dense_linear(x, values, mask, bias)
     return sparse_cpu.bitmask_linear(x, values, mask, row_offsets, bias)

@@ -119,3 +119,27 @@ def bitmask_linear(x: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, ro
                          f"elements, got {tuple(values.shape)}")
     return _run(x, values.contiguous(), mask.contiguous(), row_offsets.contiguous(), bias, N, K, FORMAT_BITMASK,
                 isa, threads)
+
+
+def bitmask_unpack(values: torch.Tensor, mask: torch.Tensor, *, isa: str | None = None,
+                   threads: int | None = None) -> torch.Tensor:
+    """The dense [N, K] weight of a bitmask (values, mask), equal bit for bit to ref/bitmask.unpack (C++:
+    csrc/cpu/bitmask_unpack.cpp; AVX-512 vpexpandd on the avx512 paths, a portable loop on avx2/scalar)."""
+    if mask.dtype != torch.uint8 or mask.dim() != 2:
+        raise ValueError(f"mask: expected uint8 [N, K/8], got {tuple(mask.shape)} {mask.dtype}")
+    if values.dtype not in DTYPES or values.dim() != 1:
+        raise ValueError(f"values: expected a 1-D float32/bfloat16/float16 tensor, got {tuple(values.shape)} "
+                         f"{values.dtype}")
+    for name, t in (("values", values), ("mask", mask)):
+        if t.device.type != "cpu":
+            raise ValueError(f"{name}: the CPU bitmask unpack needs CPU tensors, got {t.device}")
+    values, mask = values.contiguous(), mask.contiguous()
+    N, K = mask.shape[0], 8 * mask.shape[1]
+    W = torch.empty(N, K, dtype=values.dtype)
+    nnz = _native.require_cpu_module().bitmask_unpack(values.data_ptr(), values.numel(), mask.data_ptr(), W.data_ptr(),
+                                                      N, K, values.element_size(), _isa_code(isa),
+                                                      threads or torch.get_num_threads())
+    if values.numel() != nnz + PADDING:
+        raise ValueError(f"values: expected {nnz} kept values + {PADDING} padding for this mask, got "
+                         f"{tuple(values.shape)}")
+    return W

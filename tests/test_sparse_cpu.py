@@ -79,7 +79,9 @@ def test_sparse24_bf16_every_m(isa, gen):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_bitmask_matches_reference(isa, dtype, gen):
     need(isa)
-    # 64-input words keeping 0, <= 16, 17..32 and > 32 values (the M = 1 kernels take 16 kept values per step)
+    # 64-input words keeping 0, <= 16, 17..32 and > 32 values (the M = 1 kernels take 16 kept values per step,
+    # the bf16 few-token kernel 32); M: also 2..9, the few-token kernels (up to 4 fp32, 8 bf16) and the
+    # one-tile list kernel (M <= 16)
     for (n, k), sparsity in zip(SHAPES + [(9, 8), (11, 200)], (0.8, 0.9, 0.5, 0.3)):
         W = weight_unstructured(n, k, gen, dtype, sparsity)
         W[0] = 0  # an empty row
@@ -87,7 +89,7 @@ def test_bitmask_matches_reference(isa, dtype, gen):
         values, mask = bitmask.pack(W)
         offsets = bitmask.row_offsets(mask)
         bias = torch.randn(n, generator=gen).to(dtype)
-        for M in MS:
+        for M in sorted(MS + [2, 4, 5, 8, 9]):
             x = torch.randn(M, k, generator=gen).to(dtype)
             ref = F.linear(x.double(), W.double(), bias.double())
             y = sparse_cpu.bitmask_linear(x, values, mask, offsets, bias, isa=isa)
@@ -104,7 +106,7 @@ def test_long_rows(isa, gen):
         values, meta = torch.ops.prunekit.pack24(W)
         Wu = weight_unstructured(n, k, gen, dtype, 0.8)
         bv, bm = bitmask.pack(Wu)
-        for M in (1, 2):
+        for M in (1, 2, 5, 16):  # bitmask: M = 1, few-token and list kernels across many K blocks
             x = torch.randn(M, k, generator=gen).to(dtype)
             assert rel_err(sparse_cpu.s24_linear(x, values, meta, isa=isa), F.linear(x.double(), W.double())) < TOL[dtype]
             y = sparse_cpu.bitmask_linear(x, bv, bm, bitmask.row_offsets(bm), isa=isa)

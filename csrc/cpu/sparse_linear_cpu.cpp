@@ -92,17 +92,21 @@ struct IsaKernels {
   Kernel s24_gemv, s24_gemm, bm_gemv, bm_gemm;
   Kernel s24_few = nullptr;        // 2:4, 2 <= M <= kFewMax, row-major x and y
   Kernel s24_rows_bf16 = nullptr;  // 2:4, bf16, M >= 2: x_raw in, y_raw out (bias added by the kernel)
+  Kernel bm_few = nullptr;         // bitmask, 2 <= M <= bm_few_max, row-major x and y (bf16: reads x_raw)
 };
 
 // Measured (1 thread, 4096x4096): the few-token kernel beat the tile kernels at M = 2 and 4, lost from M = 8.
 constexpr std::int64_t kFewMax = 4;
+// The bitmask few-token kernel (bitmask_few.inc) vs the M > 1 kernel (1 thread, 4096x4096, 80% and 90%): bf16
+// (vdpbf16ps form) won up to M = 8, fp32 up to M = 4 (tied there).
+std::int64_t bm_few_max(DType dt) { return dt == DType::kBFloat16 ? 8 : 4; }
 
 IsaKernels kernels_for(CpuIsa isa) {
   switch (isa) {
 #ifdef PRUNEKIT_CPU_X86_ISA
     case CpuIsa::kAvx512Bf16:
       return {avx512bf16::s24_gemv, avx512bf16::s24_gemm, avx512bf16::bm_gemv, avx512bf16::bm_gemm,
-              avx512bf16::s24_few, avx512bf16::s24_rows_bf16};
+              avx512bf16::s24_few, avx512bf16::s24_rows_bf16, avx512bf16::bm_few};
     case CpuIsa::kAvx512:
       return {avx512::s24_gemv, avx512::s24_gemm, avx512::bm_gemv, avx512::bm_gemm, avx512::s24_few};
     case CpuIsa::kAvx2: return {avx2::s24_gemv, avx2::s24_gemm, avx2::bm_gemv, avx2::bm_gemm};
@@ -191,24 +195,27 @@ Status sparse_linear_cpu(const CpuSparseLinearParams& p) {
     return Status::kOk;
   }
 
-  // M == 1, and 2:4 at 2 <= M <= kFewMax where the ISA has the few-token kernel: x and y stay row-major
+  // M == 1, and 2 <= M <= kFewMax (2:4) / bm_few_max (bitmask) where the ISA has a few-token kernel: x and y stay row-major
   // ([M, K] and [M, N], fp32), the weights are read once for all tokens.
-  const bool few = !bm && M >= 2 && M <= kFewMax && kern.s24_few != nullptr;
+  const bool few = M >= 2 && (bm ? M <= bm_few_max(dt) && kern.bm_few != nullptr : M <= kFewMax && kern.s24_few != nullptr);
   if (M == 1 || few) {
     Buffer xbuf, ybuf;
     if (dt == DType::kFloat32) {
       a.x = static_cast<const float*>(p.x);
       a.y = static_cast<float*>(p.y);
     } else {
-      xbuf = alloc_floats(M * K);
+      const bool raw = few && bm && dt == DType::kBFloat16;  // that kernel reads the bf16 x itself
+      xbuf = alloc_floats(raw ? 0 : M * K);
       ybuf = alloc_floats(M * N);
       if (!xbuf || !ybuf) return Status::kInvalidArgument;
-      for (std::int64_t i = 0; i < M * K; ++i) xbuf.get()[i] = load_as_float(p.x, i, dt);
+      if (!raw)
+        for (std::int64_t i = 0; i < M * K; ++i) xbuf.get()[i] = load_as_float(p.x, i, dt);
       a.x = xbuf.get();
       a.y = ybuf.get();
     }
     a.ld = 1;
-    (M == 1 ? (bm ? kern.bm_gemv : kern.s24_gemv) : kern.s24_few)(a);
+    a.x_raw = p.x;
+    (M == 1 ? (bm ? kern.bm_gemv : kern.s24_gemv) : (bm ? kern.bm_few : kern.s24_few))(a);
     if (dt != DType::kFloat32 || p.bias != nullptr) {
       for (std::int64_t m = 0; m < M; ++m)
         for (std::int64_t n = 0; n < N; ++n) {

@@ -87,7 +87,8 @@ void bm_gemv(const CpuKernelArgs& a);
 void bm_gemm(const CpuKernelArgs& a);
 // bf16 weights, M >= 2, 16 output rows per vector: reads x_raw, writes y_raw (bf16 [M, N]) + bias itself.
 void s24_rows_bf16(const CpuKernelArgs& a);
-// bitmask, 2 <= M <= 16: x fp32 [M, K] row-major (bf16: x_raw), y fp32 [M, N] (csrc/cpu/isa/bitmask_few.inc).
+// bitmask, 2 <= M <= 16 (bf16: 1 <= M): x fp32 [M, K] row-major (bf16: x_raw), y fp32 [M, N]
+// (csrc/cpu/isa/bitmask_few.inc).
 void bm_few(const CpuKernelArgs& a);
 }  // namespace avx512bf16
 

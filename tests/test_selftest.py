@@ -15,7 +15,7 @@ def test_cpu_grid_has_every_route_and_no_silent_skip():
         assert (op, "c++") in routes and (op, "triton") in routes, op
     assert ("act_norm_sq_update", "triton") in routes and ("sparse24_linear", "dense") in routes
     skipped = {(c.op, c.route) for c in cases if c.run is None}
-    unsupported = {("sparse_cpu_linear", f"c++ {isa}") for isa in selftest_cases.CPU_ISAS
+    unsupported = {(op, f"c++ {isa}") for isa in selftest_cases.CPU_ISAS for op in ("sparse_cpu_linear", "bitmask_unpack")
                    if not sparse_cpu.isa_supported(isa)}  # an ISA this CPU lacks, and said so
     assert skipped == {("hessian_update", "tensor_core")} | unsupported  # CUDA only, and said so
     assert all(c.why for c in cases if c.run is None)
@@ -29,7 +29,9 @@ def test_cpu_grid_covers_every_sparse_cpu_path():
     runnable = [c for c in cases if c.run is not None]
     assert {c.route for c in runnable} == {f"c++ {isa}" for isa in selftest_cases.CPU_ISAS
                                            if sparse_cpu.isa_supported(isa)}
-    for case in runnable[::7]:
+    unpack = [c for c in selftest_cases.all_cases(torch.device("cpu")) if c.op == "bitmask_unpack"]
+    assert len(unpack) == len(selftest_cases.CPU_ISAS) * 3
+    for case in runnable[::7] + [c for c in unpack if c.run is not None]:
         selftest.execute(case, torch.device("cpu"))
         assert case.result["status"] == "pass", case.result
 

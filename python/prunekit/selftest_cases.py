@@ -241,7 +241,7 @@ CPU_MS = (1, 3, 17, 70)  # the M = 1 kernel, the few-token kernel, the tile kern
 
 def _cpu_sparse_cases(device) -> list[Case]:
     """2:4 and bitmask (80% unstructured, with empty and full rows) weights, fp32/bf16/fp16, on odd shapes, per
-    ISA: the paths a user's CPU takes (AVX2-only CPUs never run the AVX-512 code tested in CI, and vice versa).
+    ISA (and the bitmask unpack, exact): the paths a user's CPU takes (AVX2-only CPUs never run the AVX-512 code tested in CI, and vice versa).
     Tolerance per output feature, relative to |y| + |x|·|w|: 1e-5 in fp32, 1e-2 in bf16/fp16."""
     import torch.nn.functional as F
 
@@ -269,6 +269,11 @@ def _cpu_sparse_cases(device) -> list[Case]:
         bias = torch.randn(N, generator=g).to(dtype)
         s24 = lambda x, isa, v=v24, m=m24, b=bias: sparse_cpu.s24_linear(x, v, m, b, isa=isa)  # noqa: E731
         bm = lambda x, isa, v=vu, m=mu, r=ru, b=bias: sparse_cpu.bitmask_linear(x, v, m, r, b, isa=isa)  # noqa: E731
+        for isa in CPU_ISAS:  # the bitmask unpack (the dense side of the route), bit-exact
+            why = "" if sparse_cpu.isa_supported(isa) else f"this CPU has no {isa}"
+            cases.append(Case("bitmask_unpack", f"c++ {isa}", f"{N}x{K} u80", _DTYPES[dtype],
+                              _skip_or(why, lambda v=vu, m=mu, i=isa: sparse_cpu.bitmask_unpack(v, m, isa=i)),
+                              lambda v=vu, m=mu: bitmask.unpack(v, m), selfcheck.exact, why))
         for fmt, W, run in (("2:4", W24, s24), ("u80", Wu, bm)):
             for M in CPU_MS:
                 x = torch.randn(M, K, generator=_gen(M)).to(dtype)

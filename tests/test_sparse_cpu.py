@@ -58,15 +58,16 @@ def test_sparse24_matches_reference(isa, dtype, gen):
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_sparse24_bf16_every_m(isa, gen):
-    """bf16 2:4 at every M from 2 to 17 and around the token blocks (the avx512bf16 path's row-panel kernel:
-    up to 16 tokens in registers, more in blocks of 16 and passes of 64), with and without bias; N: partial
-    8-row panels; K: whole 32-input chunks (256) and a chunk tail (40: 2 groups, 1048: 6 groups)."""
+    """bf16 2:4 at every M from 1 to 17 and around the token blocks (the avx512bf16 path's row-panel kernel:
+    up to 16 tokens in registers, more in blocks of 16 and passes of 64; also M = 1 from K = 4096), with and
+    without bias; N: partial 8-row panels; K: whole 32-input chunks (256) and a chunk tail (40: 2 groups,
+    1048 and 4104: 6 groups)."""
     need(isa)
-    for n, k in ((5, 40), (35, 256), (16, 1048)):
+    for n, k in ((5, 40), (35, 256), (16, 1048), (9, 4104)):
         W = weight_24(n, k, gen, torch.bfloat16)
         values, meta = torch.ops.prunekit.pack24(W)
         bias = torch.randn(n, generator=gen).to(torch.bfloat16)
-        for M in list(range(2, 18)) + [24, 33, 64, 65, 129, 300]:
+        for M in list(range(1, 18)) + [24, 33, 64, 65, 129, 300]:
             x = torch.randn(M, k, generator=gen).to(torch.bfloat16)
             for b in (bias, None):
                 ref = F.linear(x.double(), W.double(), None if b is None else b.double())

@@ -91,7 +91,7 @@ using Kernel = void (*)(const CpuKernelArgs&);
 struct IsaKernels {
   Kernel s24_gemv, s24_gemm, bm_gemv, bm_gemm;
   Kernel s24_few = nullptr;        // 2:4, 2 <= M <= kFewMax, row-major x and y
-  Kernel s24_rows_bf16 = nullptr;  // 2:4, bf16, M >= 2: x_raw in, y_raw out (bias added by the kernel)
+  Kernel s24_rows_bf16 = nullptr;  // 2:4, bf16, M >= 2 (and M = 1 at K >= kRowsM1MinK): x_raw in, y_raw out + bias
   Kernel bm_few = nullptr;         // bitmask, 2 <= M <= bm_few_max, row-major x and y (bf16: reads x_raw)
 };
 
@@ -100,6 +100,10 @@ constexpr std::int64_t kFewMax = 4;
 // The bitmask few-token kernel (bitmask_few.inc) vs the M > 1 kernel (1 thread, 4096x4096, 80% and 90%): bf16
 // (vdpbf16ps form) won up to M = 8, fp32 up to M = 4 (tied there).
 std::int64_t bm_few_max(DType dt) { return dt == DType::kBFloat16 ? 8 : 4; }
+// bf16 at M = 1: the row-panel kernel beat the gemv kernel from K = 4096 (measured, 1 thread, weights from
+// memory: 4096x4096 2.0-2.3x vs 1.3-1.4x dense, 11008x4096 2.2x vs 1.5x, 4096x11008 3.0x vs 2.5x, 2048x5632
+// 2.6x vs 1.5x) and lost or tied at K <= 2048 (384x1536 1.6x vs 2.5x, 2048x2048 1.8x vs 2.0x).
+constexpr std::int64_t kRowsM1MinK = 4096;
 
 IsaKernels kernels_for(CpuIsa isa) {
   switch (isa) {
@@ -183,8 +187,9 @@ Status sparse_linear_cpu(const CpuSparseLinearParams& p) {
   a.dtype = dt;
   a.threads = threads;
 
-  // 2:4, bf16, M >= 2 where the ISA has the vdpbf16ps kernel: it reads x and writes y (and the bias) itself.
-  if (!bm && dt == DType::kBFloat16 && kern.s24_rows_bf16 != nullptr && M >= 2) {
+  // 2:4, bf16, M >= 2 (M == 1: K >= kRowsM1MinK) where the ISA has the vdpbf16ps kernel: it reads x and
+  // writes y (and the bias) itself.
+  if (!bm && dt == DType::kBFloat16 && kern.s24_rows_bf16 != nullptr && (M >= 2 || K >= kRowsM1MinK)) {
     Buffer work = alloc_floats(16 * M * ((K + 31) / 32));
     if (!work) return Status::kInvalidArgument;
     a.work = work.get();

@@ -6,7 +6,8 @@ nn.Module call, ~2 us), torch CSR (torch.sparse.mm on the 2:4 weight), prunekit 
 (the C++ kernel), prunekit 2:4 layer (SparseLinear with its kernel-vs-dense route), prunekit unstructured
 (bitmask kernel) at 70/80/90% and its routed layer at 80%. For M <= 4 every provider cycles through enough
 copies of its weight to exceed 2x the L3 (decode reads weights from memory, not cache). `vs_dense` = dense
-time / provider time (same run); the routed layers also get `vs_dense_layer` (nn.Linear time / layer time). End to end (op "decode_cpu", "minilm_cpu"): greedy decode tokens/s of a
+time / provider time (same run); the routed layers also get `vs_dense_layer` (nn.Linear time / layer time).
+End to end (op "decode_cpu", "minilm_cpu"): greedy decode tokens/s of a
 Llama-shaped model with random weights (dense vs 2:4 vs 80% unstructured, same pruned weights, tokens
 compared) and all-MiniLM-L6-v2 sentences/s (dense vs 2:4 with the default form bucket M = 1 vs 2:4 sparsified with
 serve_m = the batch's tokens; embeddings compared with the pruned dense model).
@@ -298,8 +299,8 @@ def bench_minilm(run: dict, args, rows: list[dict], out: Path) -> None:
 
     e_pruned, models = embed(pruned), {"prunekit_24": sparse, "prunekit_24_serve_m": served}
     outputs = {label: embed(m) for label, m in models.items()}
-    samples = interleaved({"dense": lambda: embed(dense), **{label: (lambda m=m: embed(m)) for label, m in models.items()}},
-                          args.e2e_reps)
+    fns = {"dense": lambda: embed(dense), **{label: (lambda m=m: embed(m)) for label, m in models.items()}}
+    samples = interleaved(fns, args.e2e_reps)
     dense_s = statistics.median(samples["dense"])
     for label, s in samples.items():
         t = common.summarize([v * 1e3 for v in s], "ms")

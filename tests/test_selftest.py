@@ -15,7 +15,8 @@ def test_cpu_grid_has_every_route_and_no_silent_skip():
         assert (op, "c++") in routes and (op, "triton") in routes, op
     assert ("act_norm_sq_update", "triton") in routes and ("sparse24_linear", "dense") in routes
     skipped = {(c.op, c.route) for c in cases if c.run is None}
-    unsupported = {(op, f"c++ {isa}") for isa in selftest_cases.CPU_ISAS for op in ("sparse_cpu_linear", "bitmask_unpack")
+    unsupported = {(op, f"c++ {isa}") for isa in selftest_cases.CPU_ISAS
+                   for op in ("sparse_cpu_linear", "bitmask_unpack")
                    if not sparse_cpu.isa_supported(isa)}  # an ISA this CPU lacks, and said so
     assert skipped == {("hessian_update", "tensor_core")} | unsupported  # CUDA only, and said so
     assert all(c.why for c in cases if c.run is None)

@@ -241,7 +241,8 @@ CPU_MS = (1, 3, 17, 70)  # the M = 1 kernel, the few-token kernel, the tile kern
 
 def _cpu_sparse_cases(device) -> list[Case]:
     """2:4 and bitmask (80% unstructured, with empty and full rows) weights, fp32/bf16/fp16, on odd shapes, per
-    ISA (and the bitmask unpack, exact): the paths a user's CPU takes (AVX2-only CPUs never run the AVX-512 code tested in CI, and vice versa).
+    ISA (and the bitmask unpack, exact): the paths a user's CPU takes (AVX2-only CPUs never run the AVX-512
+    code tested in CI, and vice versa).
     Tolerance per output feature, relative to |y| + |x|·|w|: 1e-5 in fp32, 1e-2 in bf16/fp16."""
     import torch.nn.functional as F
 

@@ -78,8 +78,9 @@ class UnstructuredSparseLinear(CpuRouted, nn.Module):
                                          None if self.bias is None else self.bias.detach())
 
     def _kernel_call(self, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        return sparse_cpu.run_validated(x, values, self._buffers["mask"], self._buffers["row_offsets"], self._parameters.get("bias"),
-                                        self.out_features, self.in_features, sparse_cpu.FORMAT_BITMASK)
+        return sparse_cpu.run_validated(x, values, self._buffers["mask"], self._buffers["row_offsets"],
+                                        self._parameters.get("bias"), self.out_features, self.in_features,
+                                        sparse_cpu.FORMAT_BITMASK)
 
     def _pack_dense(self, W: torch.Tensor) -> dict[str, torch.Tensor]:
         values, mask = ref.pack(W)

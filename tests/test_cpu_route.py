@@ -359,3 +359,25 @@ def test_serve_m_decides_the_form_per_model(gen, monkeypatch):
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="serve_m"):
             pk.sparsify(nn.Sequential(linear_24(8, 16, gen)), serve_m=bad)
+
+
+def test_cold_timing_flushes_exactly_the_weights(gen, monkeypatch):
+    """Given the packed tensors, a cold bucket evicts just the weights (both forms) before each timed call,
+    not the whole cache (which also evicts the interpreter's data: a constant that blurs small layers)."""
+    from prunekit import _native
+
+    mod = _native.require_cpu_module()
+    assert mod.flush_cache_lines(torch.zeros(100).data_ptr(), 400) is True  # x86-64: clflush always exists
+    evictions, flushed = [], []
+    monkeypatch.setattr(route, "_evict_caches", lambda: evictions.append(1))
+    real = mod.flush_cache_lines
+    monkeypatch.setattr(mod, "flush_cache_lines", lambda p, n: flushed.append((p, n)) or real(p, n))
+    layer = SparseLinear.from_dense(linear_24(16, 32, gen))
+    bias = layer.bias.detach()
+    route.decide("2:4", torch.zeros(1, 32), 16, True, layer._sparse_call, layer._unpacked, bias,
+                 (layer.values, layer.meta))
+    assert not evictions
+    sizes = [n for _, n in flushed]
+    per_call = [16 * 32 * 4, bias.numel() * 4, layer.values.numel() * 4, layer.meta.numel()]  # W, bias, values, meta
+    assert sizes.count(per_call[0]) >= 10 and sizes.count(per_call[3]) >= 10  # before each call of both candidates
+    assert {p for p, _ in flushed} >= {bias.data_ptr(), layer.values.data_ptr(), layer.meta.data_ptr()}

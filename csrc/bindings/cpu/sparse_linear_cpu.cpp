@@ -41,6 +41,10 @@ void register_sparse_linear_cpu(pybind11::module_& m) {
         py::arg("dtype"), py::arg("format"), py::arg("isa"), py::arg("threads"),
         "y[M, N] = x[M, K] W^T + bias with W in the 2:4 (format 0) or bitmask (format 1) layout; "
         "isa 0 auto, 1 scalar, 2 avx2, 3 avx512");
+  m.def("flush_cache_lines", [](std::uintptr_t p, std::int64_t bytes) {
+          return prunekit::flush_cache_lines(ptr<const void>(p), bytes);
+        }, py::arg("ptr"), py::arg("bytes"),
+        "Evict [ptr, ptr + bytes) from the CPU caches (clflush); False where the CPU has no such instruction");
   m.def("cpu_isa_supported", [](int isa) { return prunekit::cpu_isa_supported(static_cast<prunekit::CpuIsa>(isa)); },
         py::arg("isa"), "Whether this CPU runs the given sparse-kernel ISA path (0 auto, 1 scalar, 2 avx2, 3 avx512)");
   m.def("cpu_best_isa", []() { return static_cast<int>(prunekit::cpu_best_isa()); },

@@ -34,6 +34,11 @@ struct CpuSparseLinearParams {
 
 // The best path this CPU runs (kAvx512Bf16, kAvx512, kAvx2 or kScalar).
 CpuIsa cpu_best_isa();
+
+// Writes back and evicts the cache lines of [p, p + bytes) from every cache level (x86 clflush), so that the
+// next read comes from memory while everything else stays cached: how the route times a layer whose weights, in
+// a whole model, are read from memory. Returns false where the CPU has no such instruction (nothing done).
+bool flush_cache_lines(const void* p, std::int64_t bytes);
 // Whether this CPU can run `isa` (kAuto: always).
 bool cpu_isa_supported(CpuIsa isa);
 

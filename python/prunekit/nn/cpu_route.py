@@ -101,7 +101,8 @@ class CpuRouted:
             return "dense"
         values = self.values.detach()  # timed as the hot path runs it (no per-call checks)
         return route.layer_plan(self.FORMAT, x.reshape(-1, self.in_features), self.out_features, bias is not None,
-                                lambda probe: self._kernel_call(probe, values), self._unpacked, bias, form_m=form_m)
+                                lambda probe: self._kernel_call(probe, values), self._unpacked, bias, form_m=form_m,
+                                packed=[values, *(getattr(self, name) for name in self._PACKED[1:])])
 
     def unpack_(self) -> None:
         """Becomes a dense layer: the dense weight replaces the packed form (one copy)."""

@@ -70,7 +70,7 @@ def _(x, values, mask, row_offsets, bias=None):
         return ref.linear(x, values, mask, bias)
     choice = sparse_cpu_route.decide("bitmask", x.reshape(-1, K), N, bias is not None,
                                      lambda p: sparse_cpu.bitmask_linear(p, values, mask, row_offsets, bias),
-                                     lambda: bitmask_unpack(values, mask), bias)
+                                     lambda: bitmask_unpack(values, mask), bias, (values, mask, row_offsets))
     if choice == "dense":
         return _dense_linear(x, values, mask, bias)
     return sparse_cpu.bitmask_linear(x, values, mask, row_offsets, bias)

@@ -42,7 +42,7 @@ def _cpu_linear(x, values, meta, bias):
     N, K = values.shape[0], 2 * values.shape[1]
     choice = sparse_cpu_route.decide("2:4", x.reshape(-1, K), N, bias is not None,
                                      lambda p: sparse_cpu.s24_linear(p, values, meta, bias),
-                                     lambda: sparse24_dense.unpack(values, meta), bias)
+                                     lambda: sparse24_dense.unpack(values, meta), bias, (values, meta))
     if choice == "dense":
         return sparse24_dense.linear(x, values, meta, bias)
     return sparse_cpu.s24_linear(x, values, meta, bias)

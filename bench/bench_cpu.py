@@ -1,10 +1,10 @@
 """CPU benchmark of the sparse linear layers (issue 10): providers side by side in one run, medians of
 interleaved repeats (provider A, B, C, A, B, C, ...), so that the noise of a shared machine hits all alike.
 
-Layer rows (op "linear_cpu"): dense F.linear, dense nn.Linear (the module a sparse layer replaces: F.linear plus the
-nn.Module call, ~2 us), torch CSR (torch.sparse.mm on the 2:4 weight), prunekit 2:4
-(the C++ kernel), prunekit 2:4 layer (SparseLinear with its kernel-vs-dense route), prunekit unstructured
-(bitmask kernel) at 70/80/90% and its routed layer at 80%. For M <= 4 every provider cycles through enough
+Layer rows (op "linear_cpu"): dense F.linear, dense nn.Linear (the module a sparse layer replaces: F.linear
+plus the nn.Module call, ~2 us), torch CSR (torch.sparse.mm on the 2:4 weight), prunekit 2:4 (the C++
+kernel), prunekit 2:4 layer (SparseLinear with its kernel-vs-dense route), prunekit unstructured (bitmask
+kernel) at 70/80/90% and its routed layer at 80%. For M <= 4 every provider cycles through enough
 copies of its weight to exceed 2x the L3 (decode reads weights from memory, not cache). `vs_dense` = dense
 time / provider time (same run); the routed layers also get `vs_dense_layer` (nn.Linear time / layer time).
 End to end (op "decode_cpu", "minilm_cpu"): greedy decode tokens/s of a

@@ -257,6 +257,7 @@ def _cpu_sparse_cases(device) -> list[Case]:
                      "prunekit._C has no sparse_linear_cpu (prunekit backends says why)")]
     cases = []
     N, K = 37, 136
+    why = {isa: "" if sparse_cpu.isa_supported(isa) else f"this CPU has no {isa}" for isa in CPU_ISAS}
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         tol = 1e-5 if dtype == torch.float32 else 1e-2
         W24 = _sparse24(N, K, dtype, device, seed=K)
@@ -271,20 +272,18 @@ def _cpu_sparse_cases(device) -> list[Case]:
         s24 = lambda x, isa, v=v24, m=m24, b=bias: sparse_cpu.s24_linear(x, v, m, b, isa=isa)  # noqa: E731
         bm = lambda x, isa, v=vu, m=mu, r=ru, b=bias: sparse_cpu.bitmask_linear(x, v, m, r, b, isa=isa)  # noqa: E731
         for isa in CPU_ISAS:  # the bitmask unpack (the dense side of the route), bit-exact
-            why = "" if sparse_cpu.isa_supported(isa) else f"this CPU has no {isa}"
             cases.append(Case("bitmask_unpack", f"c++ {isa}", f"{N}x{K} u80", _DTYPES[dtype],
-                              _skip_or(why, lambda v=vu, m=mu, i=isa: sparse_cpu.bitmask_unpack(v, m, isa=i)),
-                              lambda v=vu, m=mu: bitmask.unpack(v, m), selfcheck.exact, why))
+                              _skip_or(why[isa], lambda v=vu, m=mu, i=isa: sparse_cpu.bitmask_unpack(v, m, isa=i)),
+                              lambda v=vu, m=mu: bitmask.unpack(v, m), selfcheck.exact, why[isa]))
         for fmt, W, run in (("2:4", W24, s24), ("u80", Wu, bm)):
             for M in CPU_MS:
                 x = torch.randn(M, K, generator=_gen(M)).to(dtype)
                 compare = _cpu_compare(x, W, tol)
                 reference = lambda x=x, W=W, b=bias: F.linear(x.float(), W.float(), b.float())  # noqa: E731
                 for isa in CPU_ISAS:
-                    why = "" if sparse_cpu.isa_supported(isa) else f"this CPU has no {isa}"
                     cases.append(Case("sparse_cpu_linear", f"c++ {isa}", f"M={M} {N}x{K} {fmt}", _DTYPES[dtype],
-                                      _skip_or(why, lambda x=x, r=run, i=isa: r(x, i).float()), reference, compare,
-                                      why))
+                                      _skip_or(why[isa], lambda x=x, r=run, i=isa: r(x, i).float()), reference,
+                                      compare, why[isa]))
     return cases
 
 

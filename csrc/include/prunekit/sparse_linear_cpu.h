@@ -34,13 +34,13 @@ struct CpuSparseLinearParams {
 
 // The best path this CPU runs (kAvx512Bf16, kAvx512, kAvx2 or kScalar).
 CpuIsa cpu_best_isa();
+// Whether this CPU can run `isa` (kAuto: always).
+bool cpu_isa_supported(CpuIsa isa);
 
 // Writes back and evicts the cache lines of [p, p + bytes) from every cache level (x86 clflush), so that the
 // next read comes from memory while everything else stays cached: how the route times a layer whose weights, in
 // a whole model, are read from memory. Returns false where the CPU has no such instruction (nothing done).
 bool flush_cache_lines(const void* p, std::int64_t bytes);
-// Whether this CPU can run `isa` (kAuto: always).
-bool cpu_isa_supported(CpuIsa isa);
 
 // kInvalidArgument for bad sizes (K % 8 != 0, negative sizes, null pointers), kUnsupported for a dtype
 // other than float32/bfloat16/float16 or an ISA this CPU cannot run.
@@ -90,7 +90,8 @@ void s24_gemm(const CpuKernelArgs& a);
 void s24_few(const CpuKernelArgs& a);
 void bm_gemv(const CpuKernelArgs& a);
 void bm_gemm(const CpuKernelArgs& a);
-// bf16 weights, M >= 2, 16 output rows per vector: reads x_raw, writes y_raw (bf16 [M, N]) + bias itself.
+// bf16 weights, M >= 2 (and M = 1 on long rows), lanes = 8 output rows x 2 groups
+// (csrc/cpu/isa/avx512bf16_rows.inc): reads x_raw, writes y_raw (bf16 [M, N]) + bias itself.
 void s24_rows_bf16(const CpuKernelArgs& a);
 // bitmask, 2 <= M <= 16 (bf16: 1 <= M): x fp32 [M, K] row-major (bf16: x_raw), y fp32 [M, N]
 // (csrc/cpu/isa/bitmask_few.inc).

@@ -1,9 +1,9 @@
 """The CPU side of the sparse layers (SparseLinear, UnstructuredSparseLinear): before a CPU forward the layer asks
 ops/sparse_cpu_route.py (`layer_plan`) how to run. The layer's form follows its decode bucket (M = 1 unless
 PRUNEKIT_SPARSE_CPU_DECODE_M or the layer's `serve_m` says otherwise): where the sparse kernel beats dense
-F.linear there, the layer holds only its packed weight and runs the kernel, except at an M where dense on a transient unpacked copy is faster
-(a long prompt); where dense wins the decode bucket, the layer unpacks itself for good: the dense weight becomes
-its only copy (memory <= the nn.Linear it replaced) and the forward is F.linear.
+F.linear there, the layer holds only its packed weight and runs the kernel, except at an M where dense on a
+transient unpacked copy is faster (a long prompt); where dense wins the decode bucket, the layer unpacks itself
+for good: the dense weight becomes its only copy (memory <= the nn.Linear it replaced) and the forward is F.linear.
 `state_dict()` (and so pk.save) still writes the packed format; `repack()` returns to the packed form.
 
 Not switched: layers whose packed values require grad while grad mode is on (training; under no_grad /

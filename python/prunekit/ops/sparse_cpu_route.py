@@ -153,10 +153,8 @@ COLD_MAX_M = 16  # buckets up to this M (memory-bound: decode, small batches) ar
 
 
 def _median_times(fns: dict[str, Callable[[], object]], budget_s: float = 0.1, max_reps: int = 15,
-                  cold: bool | Callable[[], object] = False, min_reps: int = 5) -> dict[str, float]:
-    """Median seconds of each fn (interleaved_samples); cold: caches evicted before each call (True: the whole
-    cache; a callable: that hook, e.g. _flusher's)."""
-    before = cold if callable(cold) else (_evict_caches if cold else None)
+                  before: Callable[[], object] | None = None, min_reps: int = 5) -> dict[str, float]:
+    """Median seconds of each fn (interleaved_samples); `before`: run untimed before each call (cache eviction)."""
     samples = interleaved_samples(fns, min_reps, max_reps, budget_s, before=before)
     return {name: sorted(s)[len(s) // 2] for name, s in samples.items()}
 
@@ -181,11 +179,11 @@ def decide(fmt: str, x2d: torch.Tensor, N: int, has_bias: bool, sparse_fn: Calla
         probe = torch.randn(k[5], K, dtype=x2d.dtype)
         with torch.inference_mode(False), torch.no_grad():
             W = dense_weight()
-            cold = k[5] <= COLD_MAX_M
-            if cold and packed:  # evict exactly the weights (both forms) where the CPU can, else the whole cache
-                cold = _flusher([W, bias, *packed]) or True
+            before = None
+            if k[5] <= COLD_MAX_M:  # evict exactly the weights (both forms) where the CPU can, else the whole cache
+                before = (_flusher([W, bias, *packed]) if packed else None) or _evict_caches
             times = _median_times({"dense": lambda: torch.nn.functional.linear(probe, W, bias),
-                                   "sparse": lambda: sparse_fn(probe)}, cold=cold,
+                                   "sparse": lambda: sparse_fn(probe)}, before=before,
                                   min_reps=3 if k[5] >= LARGE_M else 5)
             del W
         # within the 0.97x floor the packed weight (half the memory) wins; a noisy tie does not unpack a layer
